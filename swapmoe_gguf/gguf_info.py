@@ -1,0 +1,212 @@
+"""Read a GGUF's metadata into typed records: hyper-parameters, tensor table, swap-ready layout.
+
+Used by `inspect`, the re-layout converter and the runtime's expert store. Every malformed
+or truncated file becomes a `GGUFFormatError` naming the file, never a raw traceback.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from .constants import EXPERT_TENSOR_MARK, FORMAT_VERSION, PAGE_ALIGNMENT, SwapKeys
+from .errors import GGUFFormatError
+
+_BLK = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]  # numpy order: outermost first, e.g. [n_expert, n_ff, n_embd]
+    qtype: GGMLQuantizationType
+    nbytes: int
+    offset: int             # absolute byte offset of the data in the file
+    n_expert: int = 0       # > 0 for stacked expert tensors
+
+    @property
+    def is_expert(self) -> bool:
+        return self.n_expert > 0
+
+    @property
+    def expert_nbytes(self) -> int:
+        return self.nbytes // self.n_expert if self.n_expert else 0
+
+    @property
+    def block(self) -> int | None:
+        m = _BLK.match(self.name)
+        return int(m.group(1)) if m else None
+
+    def expert_range(self, e: int) -> tuple[int, int]:
+        """Absolute [start, end) of expert `e`'s slice."""
+        return self.offset + e * self.expert_nbytes, self.offset + (e + 1) * self.expert_nbytes
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Hyper-parameters read from `<arch>.*` keys."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_expert: int
+    n_expert_used: int
+    n_ctx_train: int
+    n_head: int
+    n_head_kv: int
+
+
+class GGUFInfo:
+    def __init__(self, path: Path, reader: GGUFReader):
+        self.path, self.reader = path, reader
+        self.file_size = path.stat().st_size
+        self.arch = self.str("general.architecture")
+        self.params = ModelParams(
+            arch=self.arch,
+            n_layer=self.int(f"{self.arch}.block_count"),
+            n_embd=self.int(f"{self.arch}.embedding_length"),
+            n_expert=self.int(f"{self.arch}.expert_count", 0),
+            n_expert_used=self.int(f"{self.arch}.expert_used_count", 0),
+            n_ctx_train=self.int(f"{self.arch}.context_length", 0),
+            n_head=self.int(f"{self.arch}.attention.head_count", 0),
+            n_head_kv=self.int(f"{self.arch}.attention.head_count_kv", 0),
+        )
+        self.n_expert = self.params.n_expert
+        self.alignment = int(reader.alignment)
+        self.tensors: list[TensorEntry] = []
+        for t in reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            nbytes, off = int(t.n_bytes), int(t.data_offset)
+            if off + nbytes > self.file_size:
+                raise GGUFFormatError(f"{path}: truncated GGUF: tensor {t.name} ends at byte {off + nbytes}, "
+                                      f"file has {self.file_size}")
+            n_exp = self.n_expert if (EXPERT_TENSOR_MARK in t.name and self.n_expert >= 2
+                                      and len(shape) >= 2 and shape[0] == self.n_expert) else 0
+            self.tensors.append(TensorEntry(t.name, shape, GGMLQuantizationType(int(t.tensor_type)), nbytes, off, n_exp))
+
+    # typed accessors -----------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def str(self, key: str) -> str:
+        v = self.get(key)
+        if not isinstance(v, str):
+            raise GGUFFormatError(f"{self.path}: missing or non-string metadata key {key}")
+        return v
+
+    def int(self, key: str, default: int | None = None) -> int:
+        v = self.get(key, default)
+        if isinstance(v, list):  # per-layer arrays (e.g. head counts): the first layer's value
+            v = v[0] if v else default
+        if v is None:
+            raise GGUFFormatError(f"{self.path}: missing metadata key {key}")
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            raise GGUFFormatError(f"{self.path}: metadata key {key} should be an integer, got {v!r}") from None
+
+    # experts -----------------------------------------------------------------------------
+    @cached_property
+    def expert_tensors(self) -> list[TensorEntry]:
+        return [t for t in self.tensors if t.is_expert]
+
+    @cached_property
+    def moe_layers(self) -> list[int]:
+        return sorted({t.block for t in self.expert_tensors if t.block is not None})
+
+    def layer_expert_tensors(self, layer: int) -> list[TensorEntry]:
+        return [t for t in self.expert_tensors if t.block == layer]
+
+    @cached_property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert (all its tensors) in one layer; the largest over layers."""
+        return max((sum(t.expert_nbytes for t in self.layer_expert_tensors(l)) for l in self.moe_layers), default=0)
+
+    @cached_property
+    def non_expert_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors if not t.is_expert)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def weight_bytes_with(self, experts_per_layer: int) -> int:
+        """Weight bytes resident with `experts_per_layer` experts in every MoE layer."""
+        per_layer = [sum(t.expert_nbytes for t in self.layer_expert_tensors(l)) for l in self.moe_layers]
+        return self.non_expert_bytes + experts_per_layer * sum(per_layer)
+
+    @cached_property
+    def expert_norms(self) -> np.ndarray | None:
+        """[n_moe_layer, n_expert] ||E_i|| from the converter, or None."""
+        v = self.get(SwapKeys.EXPERT_NORMS)
+        if v is None or len(v) != len(self.moe_layers) * self.n_expert:
+            return None
+        return np.asarray(v, dtype=np.float32).reshape(len(self.moe_layers), self.n_expert)
+
+    # layout ------------------------------------------------------------------------------
+    @property
+    def format_version(self) -> int | None:
+        v = self.get(SwapKeys.FORMAT_VERSION)
+        return int(v) if v is not None else None
+
+    @property
+    def swap_ready(self) -> bool:
+        return self.layout_problem() is None
+
+    @property
+    def slices_aligned(self) -> bool:
+        return all(t.offset % PAGE_ALIGNMENT == 0 and t.expert_nbytes % PAGE_ALIGNMENT == 0 for t in self.expert_tensors)
+
+    def unaligned_reason(self) -> str | None:
+        """Why some expert slices cannot start on a page, or None when all do."""
+        bad = [t for t in self.expert_tensors if t.expert_nbytes % PAGE_ALIGNMENT]
+        if not bad:
+            return None
+        t = bad[0]
+        return (f"{len(bad)} expert tensor(s), e.g. {t.name}, have slices of {t.expert_nbytes} bytes, not a multiple "
+                f"of the {PAGE_ALIGNMENT}-byte page: stacked tensors are contiguous, so only tensor starts are "
+                "page-aligned (swapping still works; neighbouring slices share a boundary page)")
+
+    def layout_problem(self) -> str | None:
+        """Why this file is not swap-ready, or None."""
+        if self.n_expert < 2 or not self.expert_tensors:
+            return "not a Mixture-of-Experts model (no stacked expert tensors)"
+        if self.format_version is None:
+            return "no swapmoe metadata (convert it with `swapmoe convert`)"
+        if self.format_version != FORMAT_VERSION:
+            return f"swapmoe format version {self.format_version}, this build reads {FORMAT_VERSION}"
+        if self.alignment % PAGE_ALIGNMENT:
+            return f"data alignment {self.alignment}, expected a multiple of {PAGE_ALIGNMENT}"
+        if self.expert_norms is None:
+            return "expert norms missing or of the wrong length"
+        return None
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
+    p = Path(path)
+    if p.is_dir():
+        raise GGUFFormatError(f"{p}: is a directory, expected a .gguf file")
+    if not p.is_file():
+        raise GGUFFormatError(f"{p}: no such file")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise GGUFFormatError(f"{p}: cannot read: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise GGUFFormatError(f"{p}: not a GGUF file (magic {magic!r})")
+    try:
+        reader = GGUFReader(p)
+    except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
+        raise GGUFFormatError(f"{p}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+    try:
+        return GGUFInfo(p, reader)
+    except (ValueError, TypeError, IndexError) as e:
+        raise GGUFFormatError(f"{p}: corrupt GGUF metadata ({e})") from None

@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny real MoE checkpoints built offline with transformers, and references.
+
+Every model here is made in the test session (transformers' config classes + save_pretrained,
+a byte-level BPE tokenizer trained with `tokenizers`); nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+STORIES_MOE = SHARED / "stories260K" / "stories260K-moe-copy4x2.gguf"
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+    "Experts route tokens; the router picks two of many experts for every token in the batch. "
+    "Numbers like 12345 and 2024 appear too, with punctuation!? and newlines.\n"
+)
+
+# Small dimensions that every output type can encode (rows are multiples of 32).
+ARCH_CONFIGS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                             intermediate_size=128)),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                intermediate_size=128, moe_intermediate_size=64,
+                                                                shared_expert_intermediate_size=128)),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                intermediate_size=128, moe_intermediate_size=64,
+                                                                head_dim=32, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64,
+                                                      num_key_value_heads=4)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                                     intermediate_size=64, embedding_multiplier=2.0,
+                                                                     residual_multiplier=0.5, logits_scaling=2.0,
+                                                                     attention_multiplier=0.2)),
+}
+
+PROMPTS = [
+    "The quick brown fox",
+    "To be, or not to be, that is",
+    "Experts route tokens; the router picks",
+    "Numbers like 12345 appear",
+]
+
+
+def train_tokenizer(directory: Path) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([_CORPUS] * 4, vocab_size=400, min_frequency=1, special_tokens=["<s>", "</s>"],
+                            show_progress=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    fast.save_pretrained(directory)
+
+
+def make_hf_model(arch: str, directory: Path, seed: int = 0, layers: int = 2, spm: bool = False) -> Path:
+    """A random tiny model of `arch`; `spm` ships karpathy's 512-token sentencepiece model instead of BPE."""
+    import shutil
+
+    import torch
+    import transformers
+
+    cfg_name, model_name, extra = ARCH_CONFIGS[arch]
+    directory.mkdir(parents=True, exist_ok=True)
+    if spm:
+        shutil.copy(SHARED / "stories260K" / "tok512.model", directory / "tokenizer.model")
+        n_vocab = 512
+    else:
+        train_tokenizer(directory)
+        from transformers import AutoTokenizer
+
+        n_vocab = len(AutoTokenizer.from_pretrained(directory))
+    cfg = getattr(transformers, cfg_name)(
+        **{"vocab_size": n_vocab, "hidden_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.2,
+           "tie_word_embeddings": False, "bos_token_id": 1 if spm else n_vocab - 2,
+           "eos_token_id": 2 if spm else n_vocab - 1,
+           "pad_token_id": None, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).float().eval()
+    with torch.no_grad():  # norms at 1 +- noise so that they matter but do not blow up
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "router.layer.weight")):
+                p.mul_(4.0)  # decisive routing: top-k margins well above quantization noise
+    model.save_pretrained(directory)
+    return directory
+
+
+def hf_logits(directory: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
+    """Last-token logits of transformers' float32 forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for toks in token_lists:
+            out.append(model(torch.tensor([toks])).logits[0, -1].numpy().astype(np.float64))
+    return out
+
+
+def llama_logits(gguf_path: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
+    """Last-token logits of stock llama.cpp (llama-cpp-python) loading the file itself."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=256, n_batch=256, n_threads=2, verbose=False, seed=0,
+                          logits_all=True, type_k=0, type_v=0)  # F32 KV cache: no f16 rounding there
+    out = []
+    for toks in token_lists:
+        llm.reset()
+        llm.eval(toks)
+        out.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64))
+    llm.close()
+    return out
+
+
+def hf_tokens(directory: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    return [tok.encode(p) for p in PROMPTS]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "swapmoe_gguf", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: make_hf_model(arch, root / arch, seed=i) for i, arch in enumerate(ARCH_CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def stories_moe() -> Path:
+    assert STORIES_MOE.is_file(), f"missing {STORIES_MOE} (the repository expects ../shared beside it)"
+    return STORIES_MOE
