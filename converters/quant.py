@@ -84,17 +84,6 @@ def encode(data: np.ndarray, qtype: Q) -> np.ndarray:
         raise QuantError(f"cannot encode {qtype.name} in numpy: {e}") from None
 
 
-def decode(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
-    """Raw tensor bytes (uint8 or typed) back to float32 of `shape`."""
-    if qtype in (Q.F32, Q.F16):
-        return np.asarray(raw).view(np.float32 if qtype == Q.F32 else np.float16).astype(np.float32).reshape(shape)
-    try:
-        out = quants.dequantize(np.asarray(raw).view(np.uint8), qtype)
-    except NotImplementedError:
-        raise QuantError(f"cannot decode {qtype.name} in numpy") from None
-    return out.reshape(shape).astype(np.float32, copy=False)
-
-
 def llama_quantize(src: Path, dst: Path, out: OutType, threads: int = 0) -> None:
     """Quantize a GGUF with llama.cpp's quantizer (K-quant mixtures)."""
     import llama_cpp  # heavy import: only when a K-quant is asked for

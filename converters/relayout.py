@@ -15,9 +15,8 @@ from gguf import GGUFReader, GGUFValueType
 
 from ..constants import PAGE_ALIGNMENT, SwapKeys
 from ..errors import LayoutError, NotMoEError
-from ..gguf_info import GGUFInfo, read_gguf
+from ..gguf_info import GGUFInfo, dequantize
 from .layout import ExpertNorms, add_expert_keys, add_layout_keys, block_of, counts_for_norm, moe_layers_of
-from .quant import decode
 from .writer import PlannedTensor, SwapReadyWriter
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def relayout(src: Path, dst: Path, info: GGUFInfo, progress: bool | None) -> boo
                     for e in range(n_expert):
                         raw = _pread(fd, t.offset + e * step, step)
                         if not reuse and counts_for_norm(t.name):
-                            norms.add(block_of(t.name), e, decode(raw, t.qtype, t.shape[1:]))  # type: ignore[arg-type]
+                            norms.add(block_of(t.name), e, dequantize(raw, t.qtype, t.shape[1:]))  # type: ignore[arg-type]
                         yield raw
                 else:
                     for off in range(0, t.nbytes, _CHUNK):

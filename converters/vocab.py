@@ -64,7 +64,7 @@ def add_vocab(gw: GGUFWriter, directory: Path, n_vocab: int) -> str:
         scores.append(score)
         types.append(ttype)
     if tj is not None:  # mark the tokenizer's special added tokens as control tokens
-        index = {t: i for i, t in enumerate(tokens)}
+        index = {t if isinstance(t, bytes) else t.encode("utf-8"): i for i, t in enumerate(tokens)}
         for added in tj.get("added_tokens", []):
             i = index.get(added["content"].encode("utf-8"))
             if i is not None:

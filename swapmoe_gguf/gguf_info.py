@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from .constants import EXPERT_TENSOR_MARK, FORMAT_VERSION, PAGE_ALIGNMENT, SwapKeys
 from .errors import GGUFFormatError
@@ -60,6 +60,10 @@ class ModelParams:
     n_ctx_train: int
     n_head: int
     n_head_kv: int
+    n_embd_head_k: int
+    n_embd_head_v: int
+    n_vocab: int
+    n_ff_exp: int
 
 
 class GGUFInfo:
@@ -75,7 +79,11 @@ class GGUFInfo:
             n_expert_used=self.int(f"{self.arch}.expert_used_count", 0),
             n_ctx_train=self.int(f"{self.arch}.context_length", 0),
             n_head=self.int(f"{self.arch}.attention.head_count", 0),
-            n_head_kv=self.int(f"{self.arch}.attention.head_count_kv", 0),
+            n_head_kv=self.int(f"{self.arch}.attention.head_count_kv", 0) or self.int(f"{self.arch}.attention.head_count", 0),
+            n_embd_head_k=self.int(f"{self.arch}.attention.key_length", 0) or self._head_dim(),
+            n_embd_head_v=self.int(f"{self.arch}.attention.value_length", 0) or self._head_dim(),
+            n_vocab=self._array_len("tokenizer.ggml.tokens") or self.int(f"{self.arch}.vocab_size", 0),
+            n_ff_exp=self.int(f"{self.arch}.expert_feed_forward_length", 0) or self.int(f"{self.arch}.feed_forward_length", 0),
         )
         self.n_expert = self.params.n_expert
         self.alignment = int(reader.alignment)
@@ -89,6 +97,14 @@ class GGUFInfo:
             n_exp = self.n_expert if (EXPERT_TENSOR_MARK in t.name and self.n_expert >= 2
                                       and len(shape) >= 2 and shape[0] == self.n_expert) else 0
             self.tensors.append(TensorEntry(t.name, shape, GGMLQuantizationType(int(t.tensor_type)), nbytes, off, n_exp))
+
+    def _array_len(self, key: str) -> int:
+        f = self.reader.fields.get(key)
+        return len(f.data) if f is not None else 0
+
+    def _head_dim(self) -> int:
+        n_head = self.int(f"{self.arch}.attention.head_count", 0)
+        return self.int(f"{self.arch}.embedding_length") // n_head if n_head else 0
 
     # typed accessors -----------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -187,6 +203,18 @@ class GGUFInfo:
         if self.expert_norms is None:
             return "expert norms missing or of the wrong length"
         return None
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw tensor bytes (any dtype view) back to float32 of `shape`, with gguf-py's numpy decoders."""
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        dt = np.float32 if qtype == GGMLQuantizationType.F32 else np.float16
+        return np.asarray(raw).view(dt).astype(np.float32).reshape(shape)
+    try:
+        out = quants.dequantize(np.asarray(raw).view(np.uint8), qtype)
+    except NotImplementedError:
+        raise GGUFFormatError(f"cannot decode {qtype.name} tensors in numpy") from None
+    return out.reshape(shape).astype(np.float32, copy=False)
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:

@@ -28,6 +28,8 @@ def test_bpe_tokenizer_matches_hf(hf_models, tmp_path):
         assert info.get("tokenizer.ggml.model") == "gpt2"
         assert info.get("tokenizer.ggml.pre") == "gpt-2"
         assert "messages" in info.get("tokenizer.chat_template")
+        types, tokens = info.get("tokenizer.ggml.token_type"), info.get("tokenizer.ggml.tokens")
+        assert types[tokens.index("</s>")] == 3 and types[tokens.index("<s>")] == 3  # CONTROL
         tok = AutoTokenizer.from_pretrained(hf_models[arch])
         for text in PROMPTS + ["  leading spaces\tand tabs\n\nnew lines 42!"]:
             assert _llama_tokenize(out, text, add_bos=False) == tok.encode(text, add_special_tokens=False), text

@@ -1,0 +1,114 @@
+"""Expert store: reads one expert's bytes (all its tensors in one layer) from a swap-ready GGUF.
+
+Reads use `os.preadv` into reusable staging buffers on one background thread (the read
+releases the GIL, so decoding continues), then `posix_fadvise(DONTNEED)` drops those pages so
+the page cache does not quietly hold the whole model. A read error or short read raises
+`ExpertReadError` from the future; callers keep the experts they have.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import SwapMoEError
+from .gguf_info import GGUFInfo, TensorEntry
+
+log = logging.getLogger(__name__)
+
+
+class ExpertReadError(SwapMoEError):
+    pass
+
+
+@dataclass
+class StagedExpert:
+    """One expert's bytes, read and waiting to be committed into a slot."""
+
+    layer: int
+    expert: int
+    parts: dict[str, np.ndarray]  # expert tensor name -> this expert's slice (a view of `buf`)
+    buf: np.ndarray
+    read_seconds: float
+
+
+@dataclass
+class StoreStats:
+    reads: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    errors: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class ExpertStore:
+    def __init__(self, info: GGUFInfo, staging_buffers: int = 2, drop_cache: bool = True):
+        self.info, self.path, self.drop_cache = info, info.path, drop_cache
+        self.layers: dict[int, list[TensorEntry]] = {l: info.layer_expert_tensors(l) for l in info.moe_layers}
+        self.expert_nbytes = {l: sum(t.expert_nbytes for t in ts) for l, ts in self.layers.items()}
+        self.max_expert_nbytes = max(self.expert_nbytes.values())
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.stats = StoreStats()
+        # A fixed pool of staging buffers bounds the memory of in-flight swaps.
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        for _ in range(staging_buffers):
+            self._free.put(np.empty(self.max_expert_nbytes, dtype=np.uint8))
+        self.staging_bytes = staging_buffers * self.max_expert_nbytes
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swapmoe-io")
+        self._warned = False
+
+    def read_slice(self, t: TensorEntry, expert: int, out: np.ndarray) -> None:
+        start, end = t.expert_range(expert)
+        got = os.preadv(self.fd, [out], start)
+        if got != end - start:
+            raise ExpertReadError(f"{self.path}: short read of {t.name} expert {expert}: {got} of {end - start} bytes")
+        if self.drop_cache:
+            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
+    def read(self, layer: int, expert: int, timeout: float | None = None) -> StagedExpert:
+        """Read synchronously into a staging buffer (blocks until one is free)."""
+        buf = self._free.get(timeout=timeout)
+        t0 = time.perf_counter()
+        try:
+            parts, off = {}, 0
+            for t in self.layers[layer]:
+                view = buf[off:off + t.expert_nbytes]
+                self.read_slice(t, expert, view)
+                parts[t.name] = view
+                off += t.expert_nbytes
+        except (OSError, ExpertReadError) as e:
+            self._free.put(buf)
+            with self.stats.lock:
+                self.stats.errors += 1
+            if not self._warned:
+                log.warning("expert read failed (keeping resident experts): %s", e)
+                self._warned = True
+            if isinstance(e, ExpertReadError):
+                raise
+            raise ExpertReadError(f"{self.path}: reading layer {layer} expert {expert}: {e}") from None
+        dt = time.perf_counter() - t0
+        with self.stats.lock:
+            self.stats.reads += 1
+            self.stats.bytes_read += off
+            self.stats.read_seconds += dt
+        return StagedExpert(layer, expert, parts, buf, dt)
+
+    def submit(self, layer: int, expert: int) -> Future[StagedExpert]:
+        """Read on the background thread."""
+        return self._pool.submit(self.read, layer, expert)
+
+    def release(self, staged: StagedExpert) -> None:
+        """Give a staging buffer back once its bytes are committed (or dropped)."""
+        self._free.put(staged.buf)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,216 @@
+"""SwapMoELlama: llama-cpp-python's high-level `Llama`, running on Virtual Experts.
+
+Chat formats, samplers, `create_completion`/`create_chat_completion` and `llama_cpp.server`
+work unchanged. Differences from a plain `Llama`:
+
+* the llama.cpp model is built from the swap-ready GGUF with S expert slots per MoE layer
+  (`VirtualExpertModel`), S from `memory_budget` and/or `experts_per_layer`;
+* the context carries an eval callback (`RouterTap`) that scores all experts from the full
+  router, and a decode hook that commits finished swaps only *between* `llama_decode` calls;
+* `telemetry()` reports residency, swaps, I/O, hit rate and memory.
+
+`Llama.__init__` has no way to take a prebuilt model or an eval callback, so while it runs the
+two constructors it calls are replaced (under a lock) by ones that hand over ours.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from typing import Any, Iterator, Protocol
+
+import llama_cpp
+import psutil
+from llama_cpp import Llama
+from llama_cpp import _internals as internals
+
+from .budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
+from .expert_store import ExpertReadError, StagedExpert
+from .gguf_info import read_gguf
+from .router import RouterObservation, RouterTap, hit_shares
+from .telemetry import Telemetry, TelemetrySnapshot
+from .vmodel import VirtualExpertModel
+
+log = logging.getLogger(__name__)
+_CONSTRUCT_LOCK = threading.Lock()
+
+
+class ResidencyPolicy(Protocol):
+    """Decides swaps. Called on the decoding thread; must not block on I/O."""
+
+    def on_router(self, rt: "SwapMoELlama", obs: RouterObservation) -> None: ...
+
+    def before_decode(self, rt: "SwapMoELlama") -> None: ...
+
+
+class FixedPolicy:
+    """Keeps whatever is resident (swaps only when asked through `request_swap`)."""
+
+    def on_router(self, rt: "SwapMoELlama", obs: RouterObservation) -> None:
+        pass
+
+    def before_decode(self, rt: "SwapMoELlama") -> None:
+        pass
+
+
+class _HookedContext(internals.LlamaContext):
+    """A LlamaContext whose decode runs the runtime's hooks around each llama_decode."""
+
+    def __init__(self, *, runtime: "SwapMoELlama", **kw: Any):
+        self._runtime = weakref.ref(runtime)
+        super().__init__(**kw)
+
+    def decode(self, batch: internals.LlamaBatch) -> None:
+        rt = self._runtime()
+        if rt is not None:
+            rt._before_decode()
+        super().decode(batch)
+        if rt is not None:
+            rt._after_decode(batch.batch.n_tokens)
+
+
+@contextlib.contextmanager
+def _construct_with(rt: "SwapMoELlama") -> Iterator[None]:
+    orig_model, orig_ctx = internals.LlamaModel, internals.LlamaContext
+    vm = rt.vmodel
+
+    def make_model(*, path_model: str, params: Any, verbose: bool) -> internals.LlamaModel:
+        m = orig_model.__new__(orig_model)
+        m.path_model, m.params, m.verbose = path_model, params, verbose
+        m.sampler, m.custom_samplers = None, []
+        m._exit_stack = contextlib.ExitStack()
+        m.model, m.vocab = vm.model, llama_cpp.llama_model_get_vocab(vm.model)
+
+        def free() -> None:
+            m.model = None
+            vm.close()
+
+        m._exit_stack.callback(free)
+        return m
+
+    def make_ctx(*, model: Any, params: Any, verbose: bool) -> internals.LlamaContext:
+        params.cb_eval = rt.tap.callback
+        params.cb_eval_user_data = None
+        return _HookedContext(runtime=rt, model=model, params=params, verbose=verbose)
+
+    with _CONSTRUCT_LOCK:
+        internals.LlamaModel, internals.LlamaContext = make_model, make_ctx  # type: ignore[misc,assignment]
+        try:
+            yield
+        finally:
+            internals.LlamaModel, internals.LlamaContext = orig_model, orig_ctx  # type: ignore[misc]
+
+
+class SwapMoELlama(Llama):
+    def __init__(self, model_path: str, *, memory_budget: str | Budget | None = None,
+                 experts_per_layer: int | None = None, policy: ResidencyPolicy | None = None,
+                 initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
+                 n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
+                 logits_all: bool = False, verbose: bool = False, **kwargs: Any):
+        # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
+        # the model is built before Llama.__init__ would set it.
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        info = read_gguf(model_path)
+        budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        n_batch_eff = min(n_ctx, n_batch) if n_ctx else n_batch
+        mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
+                       logits_all=logits_all, staging_buffers=staging_buffers)
+        self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
+        self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
+        self.telemetry_ = Telemetry()
+        self.policy: ResidencyPolicy = policy or FixedPolicy()
+        self._pending: list[tuple[int, int, Future[StagedExpert]]] = []  # (layer, slot, read)
+        self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts,
+                                         n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers)
+        self.tap = RouterTap(self.vmodel.router, self._on_router)
+        try:
+            with _construct_with(self):
+                super().__init__(model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+                                 n_gpu_layers=n_gpu_layers, logits_all=logits_all, verbose=verbose, **kwargs)
+        except BaseException:
+            self.vmodel.close()
+            raise
+        self._sample_rss()
+        log.info("SwapMoE: %d of %d experts per layer resident; %s", self.memory.slots, self.memory.n_expert,
+                 self.memory.parts())
+
+    # hooks (decoding thread) -------------------------------------------------------------
+    def _on_router(self, obs: RouterObservation) -> None:
+        self.telemetry_.add_hits(hit_shares(obs.probs, self.vmodel.slot_map[obs.layer], self.vmodel.top_k))
+        self.policy.on_router(self, obs)
+
+    def _before_decode(self) -> None:
+        self.policy.before_decode(self)
+        self.apply_pending()
+
+    def _after_decode(self, n_tokens: int) -> None:
+        if self.tap.error is not None:
+            err, self.tap.error = self.tap.error, None
+            raise RuntimeError(f"router tap failed: {err}") from err
+        self.telemetry_.tokens += n_tokens
+        self._sample_rss()
+
+    def _sample_rss(self) -> int:
+        rss = psutil.Process().memory_info().rss
+        self.telemetry_.peak_rss_bytes = max(self.telemetry_.peak_rss_bytes, rss)
+        return rss
+
+    # swaps ---------------------------------------------------------------------------------
+    def request_swap(self, layer: int, slot: int, expert: int) -> None:
+        """Start reading `expert` for `slot` of `layer` in the background; committed between decodes."""
+        if any(l == layer and s == slot for l, s, _ in self._pending):
+            return
+        self._pending.append((layer, slot, self.vmodel.store.submit(layer, expert)))
+
+    def apply_pending(self, wait: bool = False) -> int:
+        """Commit the swaps whose reads have finished (all of them if `wait`). Never raises on I/O errors."""
+        done, keep = 0, []
+        t0 = time.perf_counter()
+        for layer, slot, fut in self._pending:
+            if not (wait or fut.done()):
+                keep.append((layer, slot, fut))
+                continue
+            try:
+                staged = fut.result()
+            except ExpertReadError:
+                self.telemetry_.swap_failures += 1
+                continue
+            try:
+                self.vmodel.commit(slot, staged)
+            finally:
+                self.vmodel.store.release(staged)
+            self.telemetry_.swaps += 1
+            done += 1
+        if wait:
+            self.telemetry_.io_blocked_seconds += time.perf_counter() - t0
+        self._pending = keep
+        return done
+
+    @property
+    def pending_swaps(self) -> int:
+        return len(self._pending)
+
+    # reporting -----------------------------------------------------------------------------
+    def telemetry(self) -> TelemetrySnapshot:
+        st, t = self.vmodel.store.stats, self.telemetry_
+        return TelemetrySnapshot(
+            resident={l: tuple(v) for l, v in self.vmodel.slot_map.items()}, slots=self.vmodel.slots,
+            swaps=t.swaps, swap_failures=t.swap_failures + 0, bytes_read=st.bytes_read, read_seconds=st.read_seconds,
+            io_blocked_seconds=t.io_blocked_seconds, tokens=t.tokens, hit_rate=t.hit_rate,
+            rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes)
+
+    def close(self) -> None:
+        for _, _, fut in getattr(self, "_pending", ()):
+            with contextlib.suppress(Exception):
+                self.vmodel.store.release(fut.result())
+        self._pending = []
+        if hasattr(self, "_stack"):  # Llama.__init__ ran
+            super().close()
+        if hasattr(self, "vmodel"):
+            self.vmodel.close()
+
+
+__all__ = ["SwapMoELlama", "ResidencyPolicy", "FixedPolicy", "BudgetError"]

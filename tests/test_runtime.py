@@ -1,0 +1,165 @@
+"""The Virtual Experts runtime against stock llama.cpp and a numpy MoE reference."""
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from conftest import ARCH_CONFIGS
+from swapmoe_gguf.converters import convert
+from swapmoe_gguf.errors import LayoutError
+from swapmoe_gguf.gguf_info import dequantize, read_gguf
+from swapmoe_gguf.runtime import SwapMoELlama
+from swapmoe_gguf.vmodel import VirtualExpertModel
+
+TOKENS = [1, 5, 9, 30, 2, 7, 8, 11]
+SETTINGS = dict(n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+
+
+def _scores(llm) -> np.ndarray:
+    llm.reset()
+    llm.eval(TOKENS)
+    return np.array(llm.scores[: len(TOKENS)])
+
+
+@pytest.fixture(scope="module")
+def converted(hf_models, stories_moe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    out = {}
+    for arch in ARCH_CONFIGS:
+        out[arch] = root / f"{arch}.gguf"
+        convert(hf_models[arch], out[arch], "q8_0", progress=False)
+    out["stories"] = root / "stories.gguf"
+    convert(stories_moe, out["stories"], progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", [*ARCH_CONFIGS, "stories"])
+def test_all_slots_equal_stock_llama_cpp(name, converted):
+    path = str(converted[name])
+    ref = llama_cpp.Llama(path, **SETTINGS)
+    rt = SwapMoELlama(path, **SETTINGS)
+    try:
+        assert rt.memory.slots == rt.vmodel.n_expert
+        assert np.array_equal(_scores(rt), _scores(ref))  # bit for bit
+        assert rt.telemetry().hit_rate == 1.0
+    finally:
+        rt.close()
+        ref.close()
+
+
+def test_swap_at_runtime_equals_fresh_build(converted):
+    path = str(converted["qwen3moe"])
+    rt = SwapMoELlama(path, experts_per_layer=2, initial_experts={0: [0, 1], 1: [0, 1]}, **SETTINGS)
+    fresh = SwapMoELlama(path, experts_per_layer=2, initial_experts={0: [3, 1], 1: [0, 2]}, **SETTINGS)
+    try:
+        before = _scores(rt)
+        rt.vmodel.swap(0, 0, 3)
+        rt.request_swap(1, 1, 2)   # asynchronous path: read in the background, commit between decodes
+        assert rt.apply_pending(wait=True) == 1
+        assert rt.vmodel.slot_map == {0: [3, 1], 1: [0, 2]}
+        after = _scores(rt)
+        assert np.array_equal(after, _scores(fresh))
+        assert not np.array_equal(after, before)
+        t = rt.telemetry()
+        assert t.swaps == 1 and t.bytes_read > 0 and t.resident == {0: (3, 1), 1: (0, 2)}
+    finally:
+        rt.close()
+        fresh.close()
+
+
+def _capture(vm: VirtualExpertModel, layer: int, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Router input and MoE output of `layer`, read from llama.cpp's graph with an eval callback."""
+    from swapmoe_gguf.ggml import ggml
+
+    g, want, got = ggml(), {f"ffn_moe_logits-{layer}".encode(), f"ffn_moe_out-{layer}".encode()}, {}
+
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def cb(t, ask, _ud):
+        name = ctypes.string_at(g.lib.ggml_get_name(t))
+        if ask:
+            return name in want
+        if name in want:
+            tensor = g.tensor(t)
+            a = g.get_f32(tensor.src[1] if b"logits" in name else t)
+            got[name] = a.reshape(-1, a.shape[-1]).copy()
+        return True
+
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch, p.n_threads, p.n_threads_batch = 64, 64, 64, 2, 2
+    p.cb_eval = cb
+    ctx = llama_cpp.llama_init_from_model(vm.model, p)
+    arr = (llama_cpp.llama_token * len(tokens))(*tokens)
+    assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(tokens))) == 0
+    llama_cpp.llama_free(ctx)
+    return got[f"ffn_moe_logits-{layer}".encode()], got[f"ffn_moe_out-{layer}".encode()]
+
+
+@pytest.mark.parametrize("resident", [[1, 3], [0, 2, 3]])
+def test_masked_gating_matches_numpy_reference(hf_models, tmp_path, resident):
+    """With S < n_expert, layer 0 routes among the resident experts only, top-k of S, renormalised
+    (Mixtral's gating): compare llama.cpp's MoE output with numpy on the same input."""
+    path = tmp_path / "m.gguf"
+    convert(hf_models["mixtral"], path, "f32", progress=False)
+    info = read_gguf(path)
+    vm = VirtualExpertModel(path, len(resident), initial={0: resident, 1: resident})
+    try:
+        x, out = _capture(vm, 0, [5, 17, 42, 99, 7])  # [n_tok, n_embd], [n_tok, n_embd]
+        w = {}
+        for t in info.layer_expert_tensors(0):
+            with open(path, "rb") as f:
+                f.seek(t.offset)
+                w[t.name.split(".")[2]] = dequantize(np.frombuffer(f.read(t.nbytes), np.uint8), t.qtype, t.shape)
+        router = vm.router[0][resident]                       # [S, n_embd]
+        logits = x @ router.T                                 # [n_tok, S]
+        k = info.params.n_expert_used
+        ref = np.zeros_like(out)
+        for i in range(x.shape[0]):
+            top = np.argsort(-logits[i])[:k]
+            p = np.exp(logits[i, top] - logits[i, top].max())
+            p /= p.sum()
+            for wgt, s in zip(p, top):
+                e = resident[s]
+                gate, up = w["ffn_gate_exps"][e] @ x[i], w["ffn_up_exps"][e] @ x[i]
+                ref[i] += wgt * (w["ffn_down_exps"][e] @ (gate / (1 + np.exp(-gate)) * up))
+        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+        # and it differs from the unrestricted (all-experts) routing
+        full = x @ vm.router[0].T
+        assert any(set(np.argsort(-full[i])[:k]) - set(resident) for i in range(x.shape[0]))
+    finally:
+        vm.close()
+
+
+def test_not_swap_ready_file_is_refused(stories_moe):
+    with pytest.raises(LayoutError, match="swapmoe convert"):
+        SwapMoELlama(str(stories_moe), **SETTINGS)
+
+
+def test_truncated_file_under_running_model_keeps_generating(converted, tmp_path, caplog):
+    import os
+    import shutil
+
+    path = tmp_path / "victim.gguf"
+    shutil.copy(converted["qwen2moe"], path)
+    info = read_gguf(path)
+    rt = SwapMoELlama(str(path), experts_per_layer=2, initial_experts={0: [0, 1], 1: [0, 1]}, **SETTINGS)
+    try:
+        import itertools
+
+        before = list(itertools.islice(rt.generate([5, 17, 42], temp=0.0), 8))
+        cut = min(t.offset for t in info.layer_expert_tensors(1))
+        os.truncate(path, cut)  # every expert of layer 1 is gone from the disk
+        rt.request_swap(1, 0, 3)
+        rt.request_swap(0, 1, 2)  # layer 0 is still readable
+        rt.apply_pending(wait=True)
+        rt.reset()
+        after = list(itertools.islice(rt.generate([5, 17, 42], temp=0.0), 8))
+        assert len(after) == len(before) == 8
+        t = rt.telemetry()
+        assert t.swap_failures == 1 and t.swaps == 1
+        assert t.resident == {0: (0, 2), 1: (0, 1)}  # the failed slot kept its expert
+        assert sum("expert read failed" in r.message for r in caplog.records) == 1  # logged once
+    finally:
+        rt.close()
