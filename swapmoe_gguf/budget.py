@@ -92,10 +92,11 @@ class MemoryPlan:
     def total(self, slots: int | None = None) -> int:
         return self.fixed + (self.slots if slots is None else slots) * self.per_slot
 
-    def parts(self) -> str:
+    def parts(self, slots: int | None = None) -> str:
+        n = self.slots if slots is None else slots
         return (f"process {fmt(self.baseline)} + non-expert weights {fmt(self.non_expert)} + router rows "
                 f"{fmt(self.rows)} + KV cache {fmt(self.kv_cache)} + compute buffers {fmt(self.compute)} + "
-                f"staging {fmt(self.staging)} + {self.top_k} experts x {fmt(self.per_slot)}")
+                f"staging {fmt(self.staging)} + {n} experts x {fmt(self.per_slot)}")
 
 
 def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None = None, logits_all: bool = False,
@@ -133,7 +134,7 @@ def plan_slots(mem: MemoryPlan, budget: Budget | None, experts_per_layer: int | 
     limit = budget.resolve(mem.total(n))
     fit = min(n, (limit - mem.fixed) // mem.per_slot) if limit > mem.fixed else -1
     if fit < k:
-        raise BudgetError(f"memory budget {fmt(limit)} is below the minimum {fmt(mem.total(k))} = {mem.parts()}")
+        raise BudgetError(f"memory budget {fmt(limit)} is below the minimum {fmt(mem.total(k))} = {mem.parts(k)}")
     if experts_per_layer is not None:
         if experts_per_layer > fit:
             raise BudgetError(f"--experts-per-layer {experts_per_layer} needs {fmt(mem.total(experts_per_layer))}, "

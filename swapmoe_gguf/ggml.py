@@ -43,6 +43,10 @@ class _GGUFInitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
+class _GGMLInitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
 class GGML:
     """The bound library. One instance per process (see `ggml()`)."""
 
@@ -62,6 +66,13 @@ class GGML:
             "ggml_backend_tensor_set": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
             "ggml_backend_tensor_get": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
             "ggml_backend_buffer_is_host": (ctypes.c_bool, [ctypes.c_void_p]),
+            "ggml_init": (ctypes.c_void_p, [_GGMLInitParams]),
+            "ggml_free": (None, [ctypes.c_void_p]),
+            "ggml_new_tensor": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                  ctypes.POINTER(ctypes.c_int64)]),
+            "ggml_set_name": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+            "gguf_add_tensor": (None, [ctypes.c_void_p, ctypes.c_void_p]),
+            "gguf_find_tensor": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_char_p]),
         }
         for name, (res, args) in sig.items():
             f = getattr(lib, name)
@@ -81,6 +92,19 @@ class GGML:
 
     def gguf_free(self, ctx: int) -> None:
         self.lib.gguf_free(ctx)
+
+    def gguf_declare_tensor(self, ctx: int, name: str, ggml_type: int, shape: tuple[int, ...]) -> None:
+        """Add a tensor info (name, type, shape in numpy order) to a metadata-only gguf context.
+
+        llama.cpp builds a tensor missing from the metadata as F32; declaring it gives it a type."""
+        tctx = self.lib.ggml_init(_GGMLInitParams(1 << 16, None, True))
+        try:
+            ne = (ctypes.c_int64 * len(shape))(*reversed(shape))
+            t = self.lib.ggml_new_tensor(tctx, ggml_type, len(shape), ne)
+            self.lib.ggml_set_name(t, name.encode())
+            self.lib.gguf_add_tensor(ctx, t)  # copies the info
+        finally:
+            self.lib.ggml_free(tctx)
 
     # tensors -----------------------------------------------------------------------------
     def tensor(self, ptr: int) -> GGMLTensor:

@@ -3,30 +3,55 @@
 llama.cpp's router only sees the resident experts (S slots). The scheduler needs the scores of
 ALL experts, so the callback asks for the `ffn_moe_logits-<il>` nodes, reads their input
 (`src[1]`, the normalised hidden states [n_tokens, n_embd]) and multiplies it by the full router
-in numpy. The callback is asked about every graph node (`ask=true`), so that check is a raw
-byte comparison of the name; only the asked nodes split the graph.
+in numpy. llama.cpp asks the callback about every graph node (`ask=true`); a small C filter
+(`_evalfilter.c`, built at install) answers for the nodes we do not want, so Python runs only
+for the router nodes. Without the filter the Python callback answers everything (slower).
+Only the asked nodes split the graph.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from .ggml import GGMLTensor, ggml
 
+log = logging.getLogger(__name__)
 _NAME_OFF = GGMLTensor.name.offset
+_PREFIX = b"ffn_moe_logits-"
+
+
+class _Filter(ctypes.Structure):
+    _fields_ = [("name_offset", ctypes.c_size_t), ("prefix", ctypes.c_char_p), ("prefix_len", ctypes.c_size_t),
+                ("forward", ctypes.c_void_p), ("forward_ud", ctypes.c_void_p)]
+
+
+def _filter_fn() -> int | None:
+    """Address of the compiled C filter, or None when it was not built."""
+    spec = importlib.util.find_spec("swapmoe_gguf._evalfilter")
+    if spec is None or not spec.origin:
+        log.warning("eval-callback filter not built; the router tap runs in Python for every graph node")
+        return None
+    return ctypes.cast(ctypes.CDLL(spec.origin).swapmoe_filter_eval, ctypes.c_void_p).value
 
 
 @dataclass
-class RouterObservation:
-    """One MoE layer of one decode call."""
+class RouterBatch:
+    """Router scores of all MoE layers for one decode call, rows stacked layer after layer."""
 
-    layer: int
-    x_norm: np.ndarray   # [n_tokens] ||x|| of the router input
-    logits: np.ndarray   # [n_tokens, n_expert] full router logits
-    probs: np.ndarray    # [n_tokens, n_expert] softmax over ALL experts
+    layers: list[int]        # MoE layer of each block of rows, in graph order
+    spans: list[slice]       # rows of each layer
+    x_norm: np.ndarray       # [rows] ||x|| of the router input
+    logits: np.ndarray       # [rows, n_expert] full router logits
+    probs: np.ndarray        # [rows, n_expert] softmax over ALL experts
+
+    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x_norm [n_tok], probs [n_tok, n_expert]) of one layer."""
+        sl = self.spans[self.layers.index(layer)]
+        return self.x_norm[sl], self.probs[sl]
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -34,24 +59,36 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def hit_shares(probs: np.ndarray, resident: list[int], top_k: int) -> np.ndarray:
-    """Per token: share of the full router's top-k probability mass on resident experts."""
-    top = np.argpartition(-probs, top_k - 1, axis=-1)[:, :top_k]   # [n_tokens, k]
-    mass = np.take_along_axis(probs, top, axis=-1)                  # [n_tokens, k]
-    hit = np.isin(top, np.asarray(resident))
+def hit_shares(probs: np.ndarray, resident_mask: np.ndarray, top_k: int) -> np.ndarray:
+    """Per row: share of the full router's top-k probability mass on resident experts.
+    `resident_mask` is [rows, n_expert] (or broadcastable) booleans."""
+    top = np.argpartition(-probs, top_k - 1, axis=-1)[:, :top_k]      # [rows, k]
+    mass = np.take_along_axis(probs, top, axis=-1)                     # [rows, k]
+    hit = np.take_along_axis(np.broadcast_to(resident_mask, probs.shape), top, axis=-1)
     return (mass * hit).sum(-1) / np.maximum(mass.sum(-1), 1e-30)
 
 
 class RouterTap:
-    def __init__(self, router: dict[int, np.ndarray], on_layer: Callable[[RouterObservation], None]):
+    def __init__(self, router: dict[int, np.ndarray]):
         import llama_cpp
 
         self.router_t = {l: np.ascontiguousarray(w.T) for l, w in router.items()}  # [n_embd, n_expert]
+        self.index = {l: i for i, l in enumerate(router)}
+        # [n_moe_layer, n_embd, n_expert]: one batched matmul scores every layer of a decode step
+        self.router_stack = np.stack([self.router_t[l] for l in router]) if router else None
         self.wanted = {f"ffn_moe_logits-{l}".encode(): l for l in router}
-        self.prefix = b"ffn_moe_logits-"
-        self.on_layer = on_layer
+        self._seen: list[tuple[int, np.ndarray]] = []   # (layer, x [n_tok, n_embd]) of the current decode
         self.error: BaseException | None = None
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)  # keep alive with the context
+        # Keep every ctypes object alive as long as the context: llama.cpp holds raw pointers.
+        self.py_callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)
+        fn = _filter_fn()
+        if fn is None:
+            self.callback, self.user_data, self._filter = self.py_callback, None, None
+        else:
+            self._filter = _Filter(_NAME_OFF, _PREFIX, len(_PREFIX),
+                                   ctypes.cast(self.py_callback, ctypes.c_void_p).value, None)
+            self.callback = llama_cpp.ggml_backend_sched_eval_callback(fn)
+            self.user_data = ctypes.addressof(self._filter)
 
     def _cb(self, t: int, ask: bool, _ud: int) -> bool:
         name = ctypes.string_at(t + _NAME_OFF)
@@ -62,10 +99,30 @@ class RouterTap:
             return True
         try:
             g = ggml()
-            x = g.get_f32(g.tensor(t).src[1])  # [n_tokens, n_embd]
-            x = x.reshape(-1, x.shape[-1])
-            logits = x @ self.router_t[layer]   # [n_tokens, n_expert]
-            self.on_layer(RouterObservation(layer, np.linalg.norm(x, axis=-1), logits, softmax(logits)))
+            x = g.get_f32(g.tensor(t).src[1])  # [.., n_tokens, n_embd]
+            self._seen.append((layer, x.reshape(-1, x.shape[-1])))
         except BaseException as e:  # never raise through C; the runtime re-raises after decode
             self.error = e
         return True
+
+    def take(self) -> RouterBatch | None:
+        """Scores of everything observed since the last call (one numpy pass for all layers)."""
+        if not self._seen:
+            return None
+        seen, self._seen = self._seen, []
+        if all(x.shape[0] == 1 for _, x in seen):  # decode step: one token per layer, one matmul
+            layers = [l for l, _ in seen]
+            xa = np.concatenate([x for _, x in seen])                                   # [L, n_embd]
+            lg = np.matmul(xa[:, None, :], self.router_stack[[self.index[l] for l in layers]])[:, 0, :]
+            return RouterBatch(layers, [slice(i, i + 1) for i in range(len(layers))],
+                               np.sqrt(np.einsum("ij,ij->i", xa, xa)), lg, softmax(lg))
+        layers, spans, logits, xs, row = [], [], [], [], 0
+        for layer, x in seen:
+            layers.append(layer)
+            spans.append(slice(row, row + x.shape[0]))
+            row += x.shape[0]
+            logits.append(x @ self.router_t[layer])   # [n_tok, n_expert]
+            xs.append(x)
+        lg = np.concatenate(logits) if len(logits) > 1 else logits[0]
+        xa = np.concatenate(xs) if len(xs) > 1 else xs[0]
+        return RouterBatch(layers, spans, np.sqrt(np.einsum("ij,ij->i", xa, xa)), lg, softmax(lg))

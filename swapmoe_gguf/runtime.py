@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from typing import Any, Iterator, Protocol
 
 import llama_cpp
+import numpy as np
 import psutil
 from llama_cpp import Llama
 from llama_cpp import _internals as internals
@@ -30,7 +31,7 @@ from llama_cpp import _internals as internals
 from .budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
 from .expert_store import ExpertReadError, StagedExpert
 from .gguf_info import read_gguf
-from .router import RouterObservation, RouterTap, hit_shares
+from .router import RouterBatch, RouterTap, hit_shares
 from .telemetry import Telemetry, TelemetrySnapshot
 from .vmodel import VirtualExpertModel
 
@@ -41,7 +42,7 @@ _CONSTRUCT_LOCK = threading.Lock()
 class ResidencyPolicy(Protocol):
     """Decides swaps. Called on the decoding thread; must not block on I/O."""
 
-    def on_router(self, rt: "SwapMoELlama", obs: RouterObservation) -> None: ...
+    def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None: ...
 
     def before_decode(self, rt: "SwapMoELlama") -> None: ...
 
@@ -49,7 +50,7 @@ class ResidencyPolicy(Protocol):
 class FixedPolicy:
     """Keeps whatever is resident (swaps only when asked through `request_swap`)."""
 
-    def on_router(self, rt: "SwapMoELlama", obs: RouterObservation) -> None:
+    def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None:
         pass
 
     def before_decode(self, rt: "SwapMoELlama") -> None:
@@ -93,7 +94,7 @@ def _construct_with(rt: "SwapMoELlama") -> Iterator[None]:
 
     def make_ctx(*, model: Any, params: Any, verbose: bool) -> internals.LlamaContext:
         params.cb_eval = rt.tap.callback
-        params.cb_eval_user_data = None
+        params.cb_eval_user_data = rt.tap.user_data
         return _HookedContext(runtime=rt, model=model, params=params, verbose=verbose)
 
     with _CONSTRUCT_LOCK:
@@ -108,6 +109,7 @@ class SwapMoELlama(Llama):
     def __init__(self, model_path: str, *, memory_budget: str | Budget | None = None,
                  experts_per_layer: int | None = None, policy: ResidencyPolicy | None = None,
                  initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
+                 observe_router: bool = True,
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  logits_all: bool = False, verbose: bool = False, **kwargs: Any):
         # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
@@ -121,11 +123,13 @@ class SwapMoELlama(Llama):
         self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
         self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
         self.telemetry_ = Telemetry()
+        self._proc = psutil.Process()
         self.policy: ResidencyPolicy = policy or FixedPolicy()
         self._pending: list[tuple[int, int, Future[StagedExpert]]] = []  # (layer, slot, read)
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts,
                                          n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers)
-        self.tap = RouterTap(self.vmodel.router, self._on_router)
+        # Without observation (fixed residency, nothing to score) the router nodes are not asked for.
+        self.tap = RouterTap(self.vmodel.router if observe_router else {})
         try:
             with _construct_with(self):
                 super().__init__(model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
@@ -138,10 +142,6 @@ class SwapMoELlama(Llama):
                  self.memory.parts())
 
     # hooks (decoding thread) -------------------------------------------------------------
-    def _on_router(self, obs: RouterObservation) -> None:
-        self.telemetry_.add_hits(hit_shares(obs.probs, self.vmodel.slot_map[obs.layer], self.vmodel.top_k))
-        self.policy.on_router(self, obs)
-
     def _before_decode(self) -> None:
         self.policy.before_decode(self)
         self.apply_pending()
@@ -151,10 +151,21 @@ class SwapMoELlama(Llama):
             err, self.tap.error = self.tap.error, None
             raise RuntimeError(f"router tap failed: {err}") from err
         self.telemetry_.tokens += n_tokens
+        batch = self.tap.take()
+        if batch is not None:
+            self.telemetry_.add_hits(hit_shares(batch.probs, self._resident_rows(batch), self.vmodel.top_k))
+            self.policy.on_router(self, batch)
         self._sample_rss()
 
+    def _resident_rows(self, batch: RouterBatch) -> np.ndarray:
+        """[rows, n_expert] mask of the experts resident in each row's layer."""
+        mask = self.vmodel.resident_mask[[self.tap.index[l] for l in batch.layers]]  # [L, n_expert]
+        if len(batch.spans) == mask.shape[0] == batch.probs.shape[0]:
+            return mask
+        return np.repeat(mask, [sl.stop - sl.start for sl in batch.spans], axis=0)
+
     def _sample_rss(self) -> int:
-        rss = psutil.Process().memory_info().rss
+        rss = self._proc.memory_info().rss
         self.telemetry_.peak_rss_bytes = max(self.telemetry_.peak_rss_bytes, rss)
         return rss
 

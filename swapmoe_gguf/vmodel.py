@@ -70,6 +70,10 @@ class VirtualExpertModel:
         for l, experts in self.slot_map.items():
             if len(experts) != slots or len(set(experts)) != slots or not all(0 <= e < n for e in experts):
                 raise SwapMoEError(f"layer {l}: initial set {experts} must be {slots} distinct experts < {n}")
+        # [n_moe_layer, n_expert] booleans, kept in step with slot_map (read on every decode step)
+        self.resident_mask = np.zeros((len(self.moe_layers), n), dtype=bool)
+        for i, l in enumerate(self.moe_layers):
+            self.resident_mask[i, self.slot_map[l]] = True
         self._by_name = {t.name: t for t in info.tensors}
         # Row tensors (router, per-expert biases) stay in RAM whole: small, and the scheduler needs
         # the full router to score experts that are not resident.
@@ -90,6 +94,9 @@ class VirtualExpertModel:
         meta = g.gguf_open_meta(str(info.path))
         try:
             g.gguf_set_u32(meta, f"{info.arch}.expert_count", slots)
+            for name, src in ALIAS_TENSORS.items():  # tied embeddings: the copy keeps the source's type
+                if name not in self._by_name and src in self._by_name:
+                    g.gguf_declare_tensor(meta, name, int(self._by_name[src].qtype), self._by_name[src].shape)
             # Keep the ctypes callback alive for the model's lifetime (llama.cpp may keep the pointer).
             self._cb = llama_cpp.llama_model_set_tensor_data_t(self._fill)
             params = llama_cpp.llama_model_default_params()
@@ -176,6 +183,9 @@ class VirtualExpertModel:
         for name, rows in self.rows.items():
             if self._by_name[name].block == layer:
                 g.set(self.handles[name], rows[e], slot * rows.shape[1])
+        i = self.moe_layers.index(layer)
+        self.resident_mask[i, self.slot_map[layer][slot]] = False
+        self.resident_mask[i, e] = True
         self.slot_map[layer][slot] = e
 
     def swap(self, layer: int, slot: int, expert: int) -> None:

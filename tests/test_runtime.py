@@ -163,3 +163,30 @@ def test_truncated_file_under_running_model_keeps_generating(converted, tmp_path
         assert sum("expert read failed" in r.message for r in caplog.records) == 1  # logged once
     finally:
         rt.close()
+
+
+def test_tied_embeddings_quantized(tmp_path):
+    """A tied Q8_0 model: llama.cpp would build the absent output.weight as F32; the runtime
+    declares it with token_embd's type and copies the bytes, so the logits stay exact."""
+    import json
+
+    from swapmoe_gguf.converters.safetensors_io import Checkpoint
+    from swapmoe_gguf.converters.tiny_checkpoint import save_safetensors, write_tiny_mixtral
+
+    d = write_tiny_mixtral(tmp_path / "tied", hidden=128, ffn=256, layers=2, experts=4)
+    with Checkpoint(d) as ck:
+        arrays = {n: ck.get(n) for n in ck.names() if n != "lm_head.weight"}
+    save_safetensors(d / "model.safetensors", {n: (a.shape, a.dtype) for n, a in arrays.items()}, arrays.__getitem__)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    path = tmp_path / "tied.gguf"
+    convert(d, path, "q8_0", progress=False)
+    assert "output.weight" not in {t.name for t in read_gguf(path).tensors}
+    ref = llama_cpp.Llama(str(path), **SETTINGS)
+    rt = SwapMoELlama(str(path), **SETTINGS)
+    try:
+        assert np.array_equal(_scores(rt), _scores(ref))
+        assert "output.weight" in rt.vmodel.absent_filled
+    finally:
+        rt.close()
+        ref.close()
