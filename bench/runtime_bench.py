@@ -58,8 +58,11 @@ def main() -> None:
         model = str(work / "m.gguf")
         convert(src, model, "q8_0", progress=False)
     kw = dict(n_ctx=512, n_batch=512, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+    # All experts resident: the runtime runs the `full` policy (no router tap). The second copy
+    # switches the tap on, as the `swapmoe` policy would, to show what scoring costs.
     runs = {"plain": llama_cpp.Llama(model, **kw), "swapmoe": SwapMoELlama(model, **kw),
-            "swapmoe_no_tap": SwapMoELlama(model, observe_router=False, **kw)}
+            "swapmoe_no_tap": SwapMoELlama(model, **kw)}
+    runs["swapmoe"].tap.enabled = True
     prompt = list(range(3, 35))
     tps: dict[str, list[float]] = {k: [] for k in runs}
     for llm in runs.values():

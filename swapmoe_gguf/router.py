@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -68,24 +69,36 @@ def hit_shares(probs: np.ndarray, resident_mask: np.ndarray, top_k: int) -> np.n
     return (mass * hit).sum(-1) / np.maximum(mass.sum(-1), 1e-30)
 
 
+class InGraphHook(Protocol):
+    """Runs inside llama.cpp's graph, right after a layer's router node was computed and before
+    its experts run (the `exact` policy). `kind` is "logits" or "probs"; `t` the node's tensor."""
+
+    def __call__(self, kind: str, layer: int, t: int) -> None: ...
+
+
 class RouterTap:
-    def __init__(self, router: dict[int, np.ndarray]):
+    def __init__(self, router: dict[int, np.ndarray], in_graph: InGraphHook | None = None):
         import llama_cpp
 
         self.router_t = {l: np.ascontiguousarray(w.T) for l, w in router.items()}  # [n_embd, n_expert]
         self.index = {l: i for i, l in enumerate(router)}
         # [n_moe_layer, n_embd, n_expert]: one batched matmul scores every layer of a decode step
         self.router_stack = np.stack([self.router_t[l] for l in router]) if router else None
-        self.wanted = {f"ffn_moe_logits-{l}".encode(): l for l in router}
+        self.wanted: dict[bytes, tuple[str, int]] = {f"ffn_moe_logits-{l}".encode(): ("logits", l) for l in router}
+        if in_graph is not None:
+            self.wanted |= {f"ffn_moe_probs-{l}".encode(): ("probs", l) for l in router}
+        self.in_graph = in_graph
+        self.enabled = True  # off: nothing is asked for (the static/full policies need no scores)
         self._seen: list[tuple[int, np.ndarray]] = []   # (layer, x [n_tok, n_embd]) of the current decode
         self.error: BaseException | None = None
+        prefix = b"ffn_moe_" if in_graph is not None else _PREFIX
         # Keep every ctypes object alive as long as the context: llama.cpp holds raw pointers.
         self.py_callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)
         fn = _filter_fn()
         if fn is None:
             self.callback, self.user_data, self._filter = self.py_callback, None, None
         else:
-            self._filter = _Filter(_NAME_OFF, _PREFIX, len(_PREFIX),
+            self._filter = _Filter(_NAME_OFF, prefix, len(prefix),
                                    ctypes.cast(self.py_callback, ctypes.c_void_p).value, None)
             self.callback = llama_cpp.ggml_backend_sched_eval_callback(fn)
             self.user_data = ctypes.addressof(self._filter)
@@ -93,17 +106,25 @@ class RouterTap:
     def _cb(self, t: int, ask: bool, _ud: int) -> bool:
         name = ctypes.string_at(t + _NAME_OFF)
         if ask:
-            return name in self.wanted
-        layer = self.wanted.get(name)
-        if layer is None:
+            return self.enabled and name in self.wanted
+        hit = self.wanted.get(name)
+        if hit is None or self.error is not None:
             return True
+        kind, layer = hit
         try:
-            g = ggml()
-            x = g.get_f32(g.tensor(t).src[1])  # [.., n_tokens, n_embd]
-            self._seen.append((layer, x.reshape(-1, x.shape[-1])))
+            if kind == "logits":
+                g = ggml()
+                x = g.get_f32(g.tensor(t).src[1])  # [.., n_tokens, n_embd]
+                self._seen.append((layer, x.reshape(-1, x.shape[-1])))
+            if self.in_graph is not None:
+                self.in_graph(kind, layer, t)
         except BaseException as e:  # never raise through C; the runtime re-raises after decode
             self.error = e
         return True
+
+    def last_input(self) -> np.ndarray:
+        """The router input [n_tok, n_embd] of the layer observed last (for in-graph hooks)."""
+        return self._seen[-1][1]
 
     def take(self) -> RouterBatch | None:
         """Scores of everything observed since the last call (one numpy pass for all layers)."""

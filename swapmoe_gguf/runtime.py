@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from importlib import resources
 import threading
 import time
 import weakref
@@ -29,9 +30,12 @@ from llama_cpp import Llama
 from llama_cpp import _internals as internals
 
 from .budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
+from .errors import SwapMoEError
 from .expert_store import ExpertReadError, StagedExpert
 from .gguf_info import read_gguf
 from .router import RouterBatch, RouterTap, hit_shares
+from .policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calibrate
+from .scheduler import ImportanceScheduler, SchedulerConfig
 from .telemetry import Telemetry, TelemetrySnapshot
 from .vmodel import VirtualExpertModel
 
@@ -40,21 +44,15 @@ _CONSTRUCT_LOCK = threading.Lock()
 
 
 class ResidencyPolicy(Protocol):
-    """Decides swaps. Called on the decoding thread; must not block on I/O."""
+    """Decides swaps. Called on the decoding thread; must not block on I/O (except `exact`)."""
+
+    name: str
+    observes: bool        # needs the router tap
+    owns_hit_rate: bool   # reports the hit rate itself
 
     def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None: ...
 
     def before_decode(self, rt: "SwapMoELlama") -> None: ...
-
-
-class FixedPolicy:
-    """Keeps whatever is resident (swaps only when asked through `request_swap`)."""
-
-    def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None:
-        pass
-
-    def before_decode(self, rt: "SwapMoELlama") -> None:
-        pass
 
 
 class _HookedContext(internals.LlamaContext):
@@ -107,39 +105,76 @@ def _construct_with(rt: "SwapMoELlama") -> Iterator[None]:
 
 class SwapMoELlama(Llama):
     def __init__(self, model_path: str, *, memory_budget: str | Budget | None = None,
-                 experts_per_layer: int | None = None, policy: ResidencyPolicy | None = None,
+                 experts_per_layer: int | None = None, policy: str = "swapmoe",
+                 scheduler: SchedulerConfig | None = None, calibration: str | None = None,
                  initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
-                 observe_router: bool = True,
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  logits_all: bool = False, verbose: bool = False, **kwargs: Any):
         # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
         # the model is built before Llama.__init__ would set it.
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        if policy not in POLICIES:
+            raise SwapMoEError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         info = read_gguf(model_path)
+        n_expert = info.n_expert
         budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        if policy == "full":
+            experts_per_layer = n_expert
         n_batch_eff = min(n_ctx, n_batch) if n_ctx else n_batch
         mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
                        logits_all=logits_all, staging_buffers=staging_buffers)
         self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
         self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
+        if self.memory.slots == n_expert and policy != "full":
+            log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
+            policy = "full"
+        if policy == "exact":
+            # Lossless needs each micro-batch's top-k experts to fit in the S slots: one token at a time.
+            n_batch = n_ubatch = 1
+        self.policy_name = policy
         self.telemetry_ = Telemetry()
         self._proc = psutil.Process()
-        self.policy: ResidencyPolicy = policy or FixedPolicy()
-        self._pending: list[tuple[int, int, Future[StagedExpert]]] = []  # (layer, slot, read)
+        self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts,
                                          n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers)
-        # Without observation (fixed residency, nothing to score) the router nodes are not asked for.
-        self.tap = RouterTap(self.vmodel.router if observe_router else {})
+        self.policy = self._make_policy(policy, scheduler)
+        # The tap asks for router nodes only while `tap.enabled` (policies that score experts).
+        self.tap = RouterTap(self.vmodel.router, in_graph=self.policy if isinstance(self.policy, ExactPolicy) else None)
+        self.tap.enabled = False
         try:
             with _construct_with(self):
                 super().__init__(model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
                                  n_gpu_layers=n_gpu_layers, logits_all=logits_all, verbose=verbose, **kwargs)
+            if policy == "static" and initial_experts is None:
+                self._calibrate(calibration)
+            self.tap.enabled = self.policy.observes
         except BaseException:
-            self.vmodel.close()
+            self.close()
             raise
         self._sample_rss()
-        log.info("SwapMoE: %d of %d experts per layer resident; %s", self.memory.slots, self.memory.n_expert,
-                 self.memory.parts())
+        log.info("SwapMoE (%s): %d of %d experts per layer resident; %s", policy, self.memory.slots,
+                 n_expert, self.memory.parts())
+
+    def _make_policy(self, name: str, cfg: SchedulerConfig | None) -> ResidencyPolicy:
+        vm = self.vmodel
+        if name == "swapmoe":
+            return SwapMoEPolicy(ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k,
+                                                     vm.info.expert_norms, cfg or SchedulerConfig()))  # type: ignore[arg-type]
+        if name == "exact":
+            return ExactPolicy(self)
+        return StaticPolicy() if name == "static" else FullPolicy()
+
+    def _calibrate(self, text: str | None) -> None:
+        """`static`: fix each layer's top-S experts by importance over a calibration text."""
+        if text is None:
+            text = (resources.files("swapmoe_gguf") / "data" / "calibration.txt").read_text(encoding="utf-8")
+        target = calibrate(self, self.tokenize(text.encode(), add_bos=True), self.vmodel.slots)
+        for layer, want in target.items():
+            slots = self.vmodel.slot_map[layer]
+            free = [s for s, e in enumerate(slots) if e not in want]
+            for slot, e in zip(free, [e for e in want if e not in slots]):
+                self.vmodel.swap(layer, slot, e)
+        self.telemetry_ = Telemetry()  # calibration is not part of serving
 
     # hooks (decoding thread) -------------------------------------------------------------
     def _before_decode(self) -> None:
@@ -153,7 +188,8 @@ class SwapMoELlama(Llama):
         self.telemetry_.tokens += n_tokens
         batch = self.tap.take()
         if batch is not None:
-            self.telemetry_.add_hits(hit_shares(batch.probs, self._resident_rows(batch), self.vmodel.top_k))
+            if not self.policy.owns_hit_rate:
+                self.telemetry_.add_hits(hit_shares(batch.probs, self._resident_rows(batch), self.vmodel.top_k))
             self.policy.on_router(self, batch)
         self._sample_rss()
 
@@ -172,17 +208,17 @@ class SwapMoELlama(Llama):
     # swaps ---------------------------------------------------------------------------------
     def request_swap(self, layer: int, slot: int, expert: int) -> None:
         """Start reading `expert` for `slot` of `layer` in the background; committed between decodes."""
-        if any(l == layer and s == slot for l, s, _ in self._pending):
+        if any(l == layer and s == slot for l, s, _, _ in self.pending):
             return
-        self._pending.append((layer, slot, self.vmodel.store.submit(layer, expert)))
+        self.pending.append((layer, slot, expert, self.vmodel.store.submit(layer, expert)))
 
     def apply_pending(self, wait: bool = False) -> int:
         """Commit the swaps whose reads have finished (all of them if `wait`). Never raises on I/O errors."""
         done, keep = 0, []
         t0 = time.perf_counter()
-        for layer, slot, fut in self._pending:
+        for layer, slot, expert, fut in self.pending:
             if not (wait or fut.done()):
-                keep.append((layer, slot, fut))
+                keep.append((layer, slot, expert, fut))
                 continue
             try:
                 staged = fut.result()
@@ -197,12 +233,8 @@ class SwapMoELlama(Llama):
             done += 1
         if wait:
             self.telemetry_.io_blocked_seconds += time.perf_counter() - t0
-        self._pending = keep
+        self.pending = keep
         return done
-
-    @property
-    def pending_swaps(self) -> int:
-        return len(self._pending)
 
     # reporting -----------------------------------------------------------------------------
     def telemetry(self) -> TelemetrySnapshot:
@@ -210,18 +242,19 @@ class SwapMoELlama(Llama):
         return TelemetrySnapshot(
             resident={l: tuple(v) for l, v in self.vmodel.slot_map.items()}, slots=self.vmodel.slots,
             swaps=t.swaps, swap_failures=t.swap_failures + 0, bytes_read=st.bytes_read, read_seconds=st.read_seconds,
-            io_blocked_seconds=t.io_blocked_seconds, tokens=t.tokens, hit_rate=t.hit_rate,
+            io_blocked_seconds=t.io_blocked_seconds, tokens=t.tokens,
+            hit_rate=1.0 if self.vmodel.slots == self.vmodel.n_expert else t.hit_rate,
             rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes)
 
     def close(self) -> None:
-        for _, _, fut in getattr(self, "_pending", ()):
+        for _, _, _, fut in getattr(self, "pending", ()):
             with contextlib.suppress(Exception):
                 self.vmodel.store.release(fut.result())
-        self._pending = []
+        self.pending = []
         if hasattr(self, "_stack"):  # Llama.__init__ ran
             super().close()
         if hasattr(self, "vmodel"):
             self.vmodel.close()
 
 
-__all__ = ["SwapMoELlama", "ResidencyPolicy", "FixedPolicy", "BudgetError"]
+__all__ = ["SwapMoELlama", "ResidencyPolicy", "BudgetError", "SchedulerConfig"]

@@ -52,8 +52,8 @@ def test_all_slots_equal_stock_llama_cpp(name, converted):
 
 def test_swap_at_runtime_equals_fresh_build(converted):
     path = str(converted["qwen3moe"])
-    rt = SwapMoELlama(path, experts_per_layer=2, initial_experts={0: [0, 1], 1: [0, 1]}, **SETTINGS)
-    fresh = SwapMoELlama(path, experts_per_layer=2, initial_experts={0: [3, 1], 1: [0, 2]}, **SETTINGS)
+    rt = SwapMoELlama(path, experts_per_layer=2, initial_experts={0: [0, 1], 1: [0, 1]}, policy="static", **SETTINGS)
+    fresh = SwapMoELlama(path, experts_per_layer=2, initial_experts={0: [3, 1], 1: [0, 2]}, policy="static", **SETTINGS)
     try:
         before = _scores(rt)
         rt.vmodel.swap(0, 0, 3)
@@ -144,7 +144,8 @@ def test_truncated_file_under_running_model_keeps_generating(converted, tmp_path
     path = tmp_path / "victim.gguf"
     shutil.copy(converted["qwen2moe"], path)
     info = read_gguf(path)
-    rt = SwapMoELlama(str(path), experts_per_layer=2, initial_experts={0: [0, 1], 1: [0, 1]}, **SETTINGS)
+    rt = SwapMoELlama(str(path), experts_per_layer=2, initial_experts={0: [0, 1], 1: [0, 1]}, policy="static",
+                      **SETTINGS)
     try:
         import itertools
 

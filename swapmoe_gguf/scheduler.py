@@ -1,0 +1,107 @@
+"""Importance-aware scheduling of the Virtual Experts: pure Python + numpy, no model needed.
+
+Importance of expert i in one MoE layer (SwapMoE, Kong et al. 2024, Eq. 1), over a window of
+tokens X:   I_i = sum_{x in X routed to i} ||x|| * g_i(x) * ||E_i||
+with g the FULL router's gate probability (all experts) and "routed to i" meaning i is in the
+full router's top-k for x. The window is exponential: each scored token multiplies earlier
+contributions by `decay`, so the score's memory is about 1 / (1 - decay) tokens.
+
+Every `interval` tokens (and at each request's prefill) the scheduler proposes up to `quota`
+swaps per layer: the non-resident experts whose score most exceeds the weakest resident ones,
+by at least the factor `margin` (hysteresis: a stationary workload stops swapping).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Swap:
+    layer: int
+    slot: int
+    expert: int     # the expert to load
+    evicted: int    # the expert it replaces
+    gain: float     # score(expert) / score(evicted)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    decay: float = 0.98       # per token: memory of ~50 tokens (see README for the measurement)
+    interval: int = 8         # tokens between updates (F)
+    quota: int = 2            # max swaps per layer per update (Q)
+    margin: float = 1.25      # a newcomer must beat the weakest resident by this factor
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {self.decay}")
+        if self.interval < 1 or self.quota < 0 or self.margin < 1.0:
+            raise ValueError(f"need interval >= 1, quota >= 0, margin >= 1; got {self}")
+
+
+@dataclass
+class SchedulerStats:
+    updates: int = 0
+    proposed: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class ImportanceScheduler:
+    """Decayed importance per (MoE layer, expert) and swap proposals."""
+
+    layers: list[int]
+    n_expert: int
+    top_k: int
+    norms: np.ndarray                  # [n_layer, n_expert] ||E_i||
+    config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    stats: SchedulerStats = field(default_factory=SchedulerStats)
+
+    def __post_init__(self) -> None:
+        self.index = {l: i for i, l in enumerate(self.layers)}
+        self.scores = np.zeros((len(self.layers), self.n_expert), dtype=np.float64)  # [n_layer, n_expert]
+        self._since_update = 0
+
+    def observe(self, layer: int, x_norm: np.ndarray, probs: np.ndarray) -> None:
+        """Add one layer's tokens: x_norm [n_tok], probs [n_tok, n_expert] from the full router."""
+        n_tok = probs.shape[0]
+        top = np.argpartition(-probs, self.top_k - 1, axis=-1)[:, : self.top_k]        # [n_tok, k]
+        gate = np.take_along_axis(probs, top, axis=-1) * x_norm[:, None]               # [n_tok, k]
+        # Token t's contribution decays by decay^(n_tok-1-t) by the end of this batch.
+        w = self.config.decay ** np.arange(n_tok - 1, -1, -1, dtype=np.float64)        # [n_tok]
+        contrib = np.zeros(self.n_expert)
+        np.add.at(contrib, top.ravel(), (gate * w[:, None]).ravel())
+        i = self.index[layer]
+        self.scores[i] = self.scores[i] * self.config.decay ** n_tok + contrib * self.norms[i]
+
+    def tick(self, n_tokens: int) -> bool:
+        """Count decoded tokens; True when an update is due."""
+        self.stats.tokens += n_tokens
+        self._since_update += n_tokens
+        return self._since_update >= self.config.interval
+
+    def target(self, layer: int, slots: int) -> list[int]:
+        """The ideal resident set of a layer: its top-`slots` experts by score."""
+        return sorted(np.argsort(-self.scores[self.index[layer]], kind="stable")[:slots].tolist())
+
+    def propose(self, resident: dict[int, list[int]], busy: set[tuple[int, int]] = frozenset(),
+                quota: int | None = None) -> list[Swap]:
+        """Swaps for every layer: at most `quota` each, best gain first; `busy` slots are skipped."""
+        self._since_update = 0
+        self.stats.updates += 1
+        q = self.config.quota if quota is None else quota
+        out: list[Swap] = []
+        for layer, slots in resident.items():
+            s = self.scores[self.index[layer]]
+            res = set(slots)
+            # weakest resident first, strongest outsider first
+            free = sorted((i for i in range(len(slots)) if (layer, i) not in busy), key=lambda i: s[slots[i]])
+            cand = sorted((e for e in range(self.n_expert) if e not in res), key=lambda e: -s[e])
+            for slot, e in zip(free[:q], cand[:q]):
+                old = slots[slot]
+                if s[e] <= 0 or s[e] < self.config.margin * s[old]:
+                    break
+                out.append(Swap(layer, slot, e, old, float(s[e] / max(s[old], 1e-30))))
+        self.stats.proposed += len(out)
+        return out

@@ -1,0 +1,79 @@
+"""The importance-aware scheduler on synthetic router traces (no model)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swapmoe_gguf.router import softmax
+from swapmoe_gguf.scheduler import ImportanceScheduler, SchedulerConfig
+
+N, S, K = 16, 4, 2
+
+
+def _trace(rng, hot: list[int], n_tok: int) -> np.ndarray:
+    logits = rng.normal(0, 1.0, (n_tok, N))
+    logits[:, hot] += 3.0
+    return softmax(logits)
+
+
+def _run(sched: ImportanceScheduler, resident: dict[int, list[int]], probs: np.ndarray, quota: int) -> int:
+    swaps = 0
+    for t in range(probs.shape[0]):
+        sched.observe(0, np.ones(1), probs[t:t + 1])
+        if sched.tick(1):
+            proposed = sched.propose(resident)
+            assert len(proposed) <= quota
+            assert len({p.slot for p in proposed}) == len(proposed)
+            for p in proposed:
+                assert resident[0][p.slot] == p.evicted and p.expert not in resident[0]
+                resident[0][p.slot] = p.expert
+            swaps += len(proposed)
+    return swaps
+
+
+@pytest.mark.parametrize("quota", [1, 2])
+def test_converges_to_the_important_experts_and_then_stops(quota):
+    rng = np.random.default_rng(0)
+    sched = ImportanceScheduler([0], N, K, np.ones((1, N)), SchedulerConfig(decay=0.95, interval=4, quota=quota))
+    resident = {0: [0, 1, 2, 5]}
+    hot = [3, 7, 11, 12]
+    first = _run(sched, resident, _trace(rng, hot, 400), quota)
+    assert sorted(resident[0]) == hot
+    assert first >= 4  # it had to replace all four
+    assert _run(sched, resident, _trace(rng, hot, 400), quota) == 0  # stationary: no more swaps
+    # the workload shifts: it follows
+    _run(sched, resident, _trace(rng, [1, 4, 9, 15], 400), quota)
+    assert sorted(resident[0]) == [1, 4, 9, 15]
+
+
+def test_importance_weights_norms_and_hidden_size():
+    """Eq. 1: ||x|| * g_i(x) * ||E_i|| — a small-norm expert loses to a large-norm one with the same gates."""
+    sched = ImportanceScheduler([0], 4, 2, np.array([[1.0, 10.0, 1.0, 1.0]]), SchedulerConfig(decay=0.5))
+    probs = np.array([[0.4, 0.4, 0.1, 0.1]])
+    sched.observe(0, np.array([2.0]), probs)
+    np.testing.assert_allclose(sched.scores[0], [2 * 0.4 * 1, 2 * 0.4 * 10, 0, 0])
+    sched.observe(0, np.array([1.0]), np.array([[0.1, 0.1, 0.5, 0.3]]))  # decays the past by 0.5
+    np.testing.assert_allclose(sched.scores[0], [0.4, 4.0, 0.5, 0.3])
+    assert sched.target(0, 2) == [1, 2]
+
+
+def test_multi_token_observe_equals_token_by_token():
+    rng = np.random.default_rng(1)
+    probs = _trace(rng, [0, 1], 9)
+    xn = rng.uniform(0.5, 2, 9)
+    a = ImportanceScheduler([0], N, K, np.ones((1, N)), SchedulerConfig(decay=0.9))
+    b = ImportanceScheduler([0], N, K, np.ones((1, N)), SchedulerConfig(decay=0.9))
+    a.observe(0, xn, probs)
+    for t in range(9):
+        b.observe(0, xn[t:t + 1], probs[t:t + 1])
+    np.testing.assert_allclose(a.scores, b.scores)
+
+
+def test_busy_slots_are_left_alone_and_margin_holds():
+    sched = ImportanceScheduler([0], 4, 1, np.ones((1, 4)), SchedulerConfig(decay=0.5, quota=2, margin=2.0))
+    sched.scores[0] = [1.0, 1.5, 5.0, 0.1]
+    # expert 2 is 5x expert 0 (weakest resident); expert 3 is below everything
+    assert [(p.slot, p.expert) for p in sched.propose({0: [0, 1]})] == [(0, 2)]
+    assert sched.propose({0: [0, 1]}, busy={(0, 0)})[0].slot == 1
+    sched.scores[0] = [1.0, 1.5, 1.9, 0.1]   # 1.9 < 2.0 x 1.0: hysteresis, no swap
+    assert sched.propose({0: [0, 1]}) == []
