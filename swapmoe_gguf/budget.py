@@ -100,7 +100,8 @@ class MemoryPlan:
 
 
 def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None = None, logits_all: bool = False,
-             staging_buffers: int = 2, baseline: int | None = None, kv_bytes_per_elem: int = 2) -> MemoryPlan:
+             staging_buffers: int = 2, baseline: int | None = None, kv_bytes_per_elem: int = 2,
+             flash_attn: bool = True) -> MemoryPlan:
     p = info.params
     n_ub = min(n_ubatch or n_batch, n_batch)
     per_layer = {l: sum(t.expert_nbytes for t in info.layer_expert_tensors(l)) for l in info.moe_layers}
@@ -112,7 +113,8 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None =
     # llama-cpp-python's `scores` array. Calibrated against measured peak RSS (README): the graph
     # allocator reuses memory, so the sum of these terms is close to llama.cpp's compute buffer;
     # +15 % and 8 MiB cover allocator slack and Python objects created while serving.
-    inter = 4 * n_ub * (p.n_head * n_ctx + 3 * p.n_expert_used * p.n_ff_exp + 8 * p.n_embd + p.n_vocab)
+    scores = 0 if flash_attn else p.n_head * n_ctx  # flash attention never materialises them
+    inter = 4 * n_ub * (scores + 3 * p.n_expert_used * p.n_ff_exp + 8 * p.n_embd + p.n_vocab)
     outputs = 4 * p.n_vocab * ((n_ctx if logits_all else n_batch) + n_batch)
     compute = int(1.15 * inter) + outputs + (8 << 20)
     return MemoryPlan(

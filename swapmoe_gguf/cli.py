@@ -42,6 +42,41 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(a: argparse.Namespace) -> int:
+    import os
+
+    from .budget import parse_budget
+    from .gguf_info import read_gguf
+    from .planner import make_plan, render
+    from .profile import load_or_measure
+
+    import psutil
+
+    from . import runtime  # noqa: F401  (loads llama.cpp: part of the baseline a run will have)
+
+    baseline = psutil.Process().memory_info().rss  # before profiling builds (and frees) models
+    info = read_gguf(a.model)
+    if info.layout_problem():
+        from .errors import LayoutError
+
+        raise LayoutError(f"{a.model}: not a swap-ready GGUF ({info.layout_problem()}); run `swapmoe convert` first")
+    budget = parse_budget(a.memory_budget) if a.memory_budget else None
+    threads = a.threads or max(1, (os.cpu_count() or 2) // 2)
+    prof = load_or_measure(info, threads=threads, n_gpu_layers=a.n_gpu_layers, refresh=a.reprofile)
+    plan = make_plan(info, prof, budget, n_ctx=a.ctx_size, threads=threads, experts_per_layer=a.experts_per_layer,
+                     baseline=baseline)
+    print(render(plan))
+    if a.output:
+        from pathlib import Path
+
+        from .atomic import atomic_output
+
+        with atomic_output(Path(a.output), force=True) as tmp:
+            tmp.write_text(plan.to_json())
+        print(f"\nwrote {a.output} (use it with --plan)")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -67,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help=".gguf file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=_cmd_inspect)
+
+    pl = sub.add_parser("plan", help="profile this device and plan S, F, Q for a memory budget")
+    pl.add_argument("model", help="swap-ready .gguf")
+    pl.add_argument("--memory-budget", default=None, help="e.g. 4GiB, 4G, 3000MiB, 75%%")
+    pl.add_argument("--experts-per-layer", type=int, default=None, help="S directly (top-k <= S <= n_expert)")
+    pl.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length the plan is for")
+    pl.add_argument("-t", "--threads", type=int, default=0, help="threads (default: half the CPUs)")
+    pl.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU")
+    pl.add_argument("-o", "--output", default=None, help="write the plan as JSON")
+    pl.add_argument("--reprofile", action="store_true", help="measure again instead of using the cached profile")
+    pl.set_defaults(func=_cmd_plan)
 
     d = sub.add_parser("demo", help="build a tiny MoE checkpoint, convert, inspect and run it")
     d.add_argument("--dir", default=None, help="work directory (default: user cache)")

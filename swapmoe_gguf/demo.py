@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 
 from .inspect import render, summary
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swapmoe-gguf"
+from .paths import cache_dir
 
 
 def run_demo(directory: str | None, force: bool = False) -> int:

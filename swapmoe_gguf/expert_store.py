@@ -1,13 +1,17 @@
 """Expert store: reads one expert's bytes (all its tensors in one layer) from a swap-ready GGUF.
 
 Reads use `os.preadv` into reusable staging buffers on one background thread (the read
-releases the GIL, so decoding continues), then `posix_fadvise(DONTNEED)` drops those pages so
-the page cache does not quietly hold the whole model. A read error or short read raises
+releases the GIL, so decoding continues). When every expert slice is page-aligned (the
+swap-ready layout) they use O_DIRECT into page-aligned buffers: the disk DMAs straight into the
+buffer, no CPU copies the bytes and the page cache is left alone. Otherwise (or where O_DIRECT
+is refused) reads are buffered and `posix_fadvise(DONTNEED)` drops the pages afterwards, so the
+page cache does not quietly hold the whole model. A read error or short read raises
 `ExpertReadError` from the future; callers keep the experts they have.
 """
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -54,17 +58,37 @@ class ExpertStore:
         self.expert_nbytes = {l: sum(t.expert_nbytes for t in ts) for l, ts in self.layers.items()}
         self.max_expert_nbytes = max(self.expert_nbytes.values())
         self.fd = os.open(self.path, os.O_RDONLY)
+        self.direct_fd = -1
+        if info.slices_aligned and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # e.g. tmpfs: no O_DIRECT
+                self.direct_fd = -1
         self.stats = StoreStats()
-        # A fixed pool of staging buffers bounds the memory of in-flight swaps.
+        # A fixed pool of staging buffers bounds the memory of in-flight swaps. Anonymous maps are
+        # page-aligned, as O_DIRECT needs.
         self._free: queue.Queue[np.ndarray] = queue.Queue()
-        for _ in range(staging_buffers):
-            self._free.put(np.empty(self.max_expert_nbytes, dtype=np.uint8))
+        self._maps = [mmap.mmap(-1, self.max_expert_nbytes) for _ in range(staging_buffers)]
+        for m in self._maps:
+            self._free.put(np.frombuffer(m, dtype=np.uint8))
+        self.staging_buffers = staging_buffers
         self.staging_bytes = staging_buffers * self.max_expert_nbytes
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swapmoe-io")
         self._warned = False
 
     def read_slice(self, t: TensorEntry, expert: int, out: np.ndarray) -> None:
         start, end = t.expert_range(expert)
+        if self.direct_fd >= 0 and out.ctypes.data % mmap.PAGESIZE == 0:
+            try:
+                got = os.preadv(self.direct_fd, [out], start)
+                if got == end - start:
+                    return
+            except OSError as e:
+                if e.errno != 22:  # EINVAL: this file system wants other alignment; fall back for good
+                    raise
+                log.info("O_DIRECT refused for %s; using buffered reads", self.path)
+                os.close(self.direct_fd)
+                self.direct_fd = -1
         got = os.preadv(self.fd, [out], start)
         if got != end - start:
             raise ExpertReadError(f"{self.path}: short read of {t.name} expert {expert}: {got} of {end - start} bytes")
@@ -109,6 +133,7 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1

@@ -89,6 +89,8 @@ class RouterTap:
             self.wanted |= {f"ffn_moe_probs-{l}".encode(): ("probs", l) for l in router}
         self.in_graph = in_graph
         self.enabled = True  # off: nothing is asked for (the static/full policies need no scores)
+        # Score layer i on decode steps where (step + i) % stride == 0; multi-token batches always.
+        self.stride, self.step = 1, 0
         self._seen: list[tuple[int, np.ndarray]] = []   # (layer, x [n_tok, n_embd]) of the current decode
         self.error: BaseException | None = None
         prefix = b"ffn_moe_" if in_graph is not None else _PREFIX
@@ -106,7 +108,13 @@ class RouterTap:
     def _cb(self, t: int, ask: bool, _ud: int) -> bool:
         name = ctypes.string_at(t + _NAME_OFF)
         if ask:
-            return self.enabled and name in self.wanted
+            if not self.enabled or name not in self.wanted:
+                return False
+            if self.stride > 1 and self.in_graph is None:
+                kind, layer = self.wanted[name]
+                if (self.step + self.index[layer]) % self.stride and ggml().tensor(t).ne[1] == 1:
+                    return False
+            return True
         hit = self.wanted.get(name)
         if hit is None or self.error is not None:
             return True
@@ -128,6 +136,7 @@ class RouterTap:
 
     def take(self) -> RouterBatch | None:
         """Scores of everything observed since the last call (one numpy pass for all layers)."""
+        self.step += 1
         if not self._seen:
             return None
         seen, self._seen = self._seen, []

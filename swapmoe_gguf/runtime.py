@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import llama_cpp
 import numpy as np
@@ -38,6 +38,9 @@ from .policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPo
 from .scheduler import ImportanceScheduler, SchedulerConfig
 from .telemetry import Telemetry, TelemetrySnapshot
 from .vmodel import VirtualExpertModel
+
+if TYPE_CHECKING:
+    from .planner import Plan
 
 log = logging.getLogger(__name__)
 _CONSTRUCT_LOCK = threading.Lock()
@@ -105,14 +108,24 @@ def _construct_with(rt: "SwapMoELlama") -> Iterator[None]:
 
 class SwapMoELlama(Llama):
     def __init__(self, model_path: str, *, memory_budget: str | Budget | None = None,
-                 experts_per_layer: int | None = None, policy: str = "swapmoe",
+                 experts_per_layer: int | None = None, policy: str | None = None,
                  scheduler: SchedulerConfig | None = None, calibration: str | None = None,
+                 plan: "Plan | str | None" = None,
                  initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
-                 logits_all: bool = False, verbose: bool = False, **kwargs: Any):
+                 logits_all: bool = False, flash_attn: bool = True, verbose: bool = False, **kwargs: Any):
         # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
         # the model is built before Llama.__init__ would set it.
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        if plan is not None:  # a plan fixes S, F and Q for this very file
+            from .planner import Plan
+
+            plan = Plan.load(plan) if isinstance(plan, str) else plan
+            plan.check_model(model_path)
+            experts_per_layer = experts_per_layer or plan.experts_per_layer
+            scheduler = scheduler or plan.scheduler
+            policy = policy or plan.policy
+        policy = policy or "swapmoe"
         if policy not in POLICIES:
             raise SwapMoEError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         info = read_gguf(model_path)
@@ -122,7 +135,7 @@ class SwapMoELlama(Llama):
             experts_per_layer = n_expert
         n_batch_eff = min(n_ctx, n_batch) if n_ctx else n_batch
         mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
-                       logits_all=logits_all, staging_buffers=staging_buffers)
+                       logits_all=logits_all, staging_buffers=staging_buffers, flash_attn=flash_attn)
         self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
         self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
         if self.memory.slots == n_expert and policy != "full":
@@ -138,13 +151,17 @@ class SwapMoELlama(Llama):
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts,
                                          n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers)
         self.policy = self._make_policy(policy, scheduler)
+        self.commits_per_step = (scheduler or SchedulerConfig()).commits_per_step
         # The tap asks for router nodes only while `tap.enabled` (policies that score experts).
         self.tap = RouterTap(self.vmodel.router, in_graph=self.policy if isinstance(self.policy, ExactPolicy) else None)
         self.tap.enabled = False
+        self.tap.stride = (scheduler or SchedulerConfig()).observe_every if policy == "swapmoe" else 1
         try:
             with _construct_with(self):
                 super().__init__(model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
-                                 n_gpu_layers=n_gpu_layers, logits_all=logits_all, verbose=verbose, **kwargs)
+                                 n_gpu_layers=n_gpu_layers, logits_all=logits_all, flash_attn=flash_attn,
+                                 verbose=verbose, **kwargs)
+            self.flash_attn = flash_attn
             if policy == "static" and initial_experts is None:
                 self._calibrate(calibration)
             self.tap.enabled = self.policy.observes
@@ -179,7 +196,8 @@ class SwapMoELlama(Llama):
     # hooks (decoding thread) -------------------------------------------------------------
     def _before_decode(self) -> None:
         self.policy.before_decode(self)
-        self.apply_pending()
+        if self.pending:
+            self.apply_pending(limit=self.commits_per_step)
 
     def _after_decode(self, n_tokens: int) -> None:
         if self.tap.error is not None:
@@ -212,12 +230,13 @@ class SwapMoELlama(Llama):
             return
         self.pending.append((layer, slot, expert, self.vmodel.store.submit(layer, expert)))
 
-    def apply_pending(self, wait: bool = False) -> int:
-        """Commit the swaps whose reads have finished (all of them if `wait`). Never raises on I/O errors."""
+    def apply_pending(self, wait: bool = False, limit: int | None = None) -> int:
+        """Commit the swaps whose reads have finished (all of them if `wait`; at most `limit`).
+        Never raises on I/O errors."""
         done, keep = 0, []
         t0 = time.perf_counter()
         for layer, slot, expert, fut in self.pending:
-            if not (wait or fut.done()):
+            if not (wait or fut.done()) or (limit is not None and done >= limit):
                 keep.append((layer, slot, expert, fut))
                 continue
             try:
@@ -235,6 +254,61 @@ class SwapMoELlama(Llama):
             self.telemetry_.io_blocked_seconds += time.perf_counter() - t0
         self.pending = keep
         return done
+
+    # budget changes ------------------------------------------------------------------------
+    def set_budget(self, memory_budget: str | Budget | None, experts_per_layer: int | None = None) -> int:
+        """Change the memory budget of the running model; returns the new slot count S.
+
+        llama.cpp fixes the slot count when it builds a model, so a different S rebuilds it: the
+        old context and model are freed first (memory never holds both), a new model is built with
+        the S most important experts (scheduler scores, else the current set and weight norms) and a
+        new context takes the old one's place. Cost: reading the non-expert weights and S experts
+        per layer again, and the KV cache (the conversation is re-evaluated on the next request).
+        """
+        budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        vm = self.vmodel
+        mem0 = estimate(vm.info, n_ctx=self.n_ctx(), n_batch=self.n_batch, logits_all=self._logits_all,
+                        staging_buffers=vm.store.staging_buffers, baseline=self.memory.baseline,
+                        flash_attn=self.flash_attn)
+        new = plan_slots(mem0, budget, experts_per_layer)
+        self.budget_bytes = budget.resolve(mem0.total(mem0.n_expert)) if budget else None
+        if new.slots == vm.slots:
+            self.memory = new
+            return new.slots
+        initial = {l: self._ranked(l)[: new.slots] for l in vm.moe_layers}
+        self.apply_pending(wait=True)
+        path, ngl = str(vm.info.path), self.model_params.n_gpu_layers
+        staging = vm.store.staging_buffers
+        self._ctx.close()
+        vm.close()
+        self.vmodel = VirtualExpertModel(path, new.slots, initial=initial, n_gpu_layers=ngl, staging_buffers=staging)
+        self._model.model = self.vmodel.model
+        self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)
+        self._ctx = _HookedContext(runtime=self, model=self._model, params=self.context_params, verbose=self.verbose)
+        self.memory = new
+        name = "full" if new.slots == self.vmodel.n_expert else (
+            "swapmoe" if self.policy_name == "full" else self.policy_name)
+        if name != self.policy_name or name == "exact":
+            keep = getattr(self.policy, "scheduler", None)
+            self.policy = self._make_policy(name, keep.config if keep else None)
+            if keep is not None and isinstance(self.policy, SwapMoEPolicy):
+                self.policy.scheduler = keep
+            self.tap.in_graph = self.policy if isinstance(self.policy, ExactPolicy) else None
+            self.policy_name = name
+        self.tap.enabled = self.policy.observes
+        self.reset()
+        self.n_tokens = 0
+        log.info("budget changed: %d of %d experts per layer now resident", new.slots, self.vmodel.n_expert)
+        return new.slots
+
+    def _ranked(self, layer: int) -> list[int]:
+        """Experts of a layer, most important first (scheduler scores, then residency, then norms)."""
+        vm = self.vmodel
+        sched = getattr(self.policy, "scheduler", None)
+        score = sched.scores[sched.index[layer]] if sched is not None else np.zeros(vm.n_expert)
+        norms = vm.info.expert_norms[vm.moe_layers.index(layer)]  # type: ignore[index]
+        resident = set(vm.slot_map[layer])
+        return sorted(range(vm.n_expert), key=lambda e: (-score[e], e not in resident, -norms[e]))
 
     # reporting -----------------------------------------------------------------------------
     def telemetry(self) -> TelemetrySnapshot:

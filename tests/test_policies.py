@@ -101,3 +101,36 @@ def test_budget_that_fits_everything_runs_full(models):
         assert rt.policy_name == "full" and rt.vmodel.slots == rt.vmodel.n_expert
     finally:
         rt.close()
+
+
+def test_set_budget_rebuilds_with_new_slot_count(models):
+    from swapmoe_gguf.budget import BudgetError
+
+    path = str(models["mixtral"])
+    rt = SwapMoELlama(path, experts_per_layer=2, logits_all=True, **KW)
+    try:
+        _greedy(rt, [3, 8, 120, 44], 8)
+        ranked = {l: rt._ranked(l) for l in rt.vmodel.moe_layers}
+        grow = rt.memory.total(3)
+        assert rt.set_budget(f"{grow + 1}B") == 3
+        assert rt.vmodel.slots == 3 and rt.policy_name == "swapmoe"
+        for l, order in ranked.items():  # the most important experts were kept
+            assert set(order[:3]) == set(rt.vmodel.slot_map[l])
+        out = _greedy(rt, [3, 8, 120, 44], 8)
+        assert len(out) == 8
+        assert rt.set_budget("100%") == 4 and rt.policy_name == "full"
+        # the same tokens as a model built with every expert
+        full = SwapMoELlama(path, policy="full", logits_all=True, **KW)
+        try:
+            for llm in (rt, full):
+                llm.reset()
+                llm.eval([3, 8, 120, 44])
+            assert np.array_equal(np.array(rt.scores[:4]), np.array(full.scores[:4]))
+        finally:
+            full.close()
+        assert rt.set_budget(None, experts_per_layer=2) == 2 and rt.policy_name == "swapmoe"
+        with pytest.raises(BudgetError, match="below the minimum"):
+            rt.set_budget("1MiB")
+        assert rt.vmodel.slots == 2  # a refused change leaves the model as it was
+    finally:
+        rt.close()

@@ -15,7 +15,7 @@ from swapmoe_gguf.runtime import SwapMoELlama
 from swapmoe_gguf.vmodel import VirtualExpertModel
 
 TOKENS = [1, 5, 9, 30, 2, 7, 8, 11]
-SETTINGS = dict(n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+SETTINGS = dict(n_ctx=128, n_threads=2, logits_all=True, verbose=False, flash_attn=True)
 
 
 def _scores(llm) -> np.ndarray:
@@ -137,13 +137,21 @@ def test_not_swap_ready_file_is_refused(stories_moe):
         SwapMoELlama(str(stories_moe), **SETTINGS)
 
 
-def test_truncated_file_under_running_model_keeps_generating(converted, tmp_path, caplog):
+@pytest.mark.parametrize("aligned", [False, True])
+def test_truncated_file_under_running_model_keeps_generating(converted, tmp_path, caplog, aligned):
     import os
     import shutil
 
     path = tmp_path / "victim.gguf"
-    shutil.copy(converted["qwen2moe"], path)
+    if aligned:  # page-aligned slices: the store reads with O_DIRECT
+        from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
+
+        convert(write_tiny_mixtral(tmp_path / "hf", hidden=256, ffn=512, layers=2, experts=4), path, "q8_0",
+                progress=False)
+    else:
+        shutil.copy(converted["qwen2moe"], path)
     info = read_gguf(path)
+    assert info.slices_aligned == aligned
     rt = SwapMoELlama(str(path), experts_per_layer=2, initial_experts={0: [0, 1], 1: [0, 1]}, policy="static",
                       **SETTINGS)
     try:

@@ -1,0 +1,172 @@
+"""Profiling-guided planner: a memory budget and a device profile -> S, F, Q.
+
+S (experts per layer) is the largest slot count the budget admits (whole-process accounting,
+`budget.py`). F (update interval, tokens) and Q (swaps per layer per update) are chosen so that
+swap I/O stays hidden behind decoding:
+
+    I/O thread:  Q * n_moe_layers * t_read   <= IO_SHARE  * F * t_decode   (reads overlap decoding)
+    decode side: Q * n_moe_layers * t_commit <= COMMIT_SHARE * F * t_decode (commits run between steps)
+
+Among the (F, Q) pairs that satisfy both, the one with the highest swap capacity Q/F wins (the
+scheduler adapts fastest), ties going to the smaller F. A slow disk therefore raises F and lowers Q.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .budget import Budget, BudgetError, MemoryPlan, estimate, fmt, plan_slots
+from .errors import SwapMoEError
+from .gguf_info import GGUFInfo
+from .profile import DeviceProfile, model_fingerprint
+from .scheduler import SchedulerConfig
+
+IO_SHARE = 0.5        # the read thread may be busy half of the decode time
+COMMIT_SHARE = 0.05   # commits may add at most 5 % to a decode step
+INTERVALS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PLAN_VERSION = 1
+
+
+class PlanError(SwapMoEError):
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int
+    model: str
+    fingerprint: str
+    policy: str
+    budget_bytes: int | None
+    n_ctx: int
+    threads: int
+    experts_per_layer: int
+    n_expert: int
+    interval: int              # F
+    quota: int                 # Q (per layer per update)
+    decay: float
+    margin: float
+    expected_tok_s: float
+    swaps_per_token: float     # upper bound: Q * n_moe_layers / F
+    io_share: float            # read-thread busy share of decode time at full quota
+    commit_share: float
+    memory: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    observe_every: int = 1
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(decay=self.decay, interval=self.interval, quota=self.quota, margin=self.margin,
+                               observe_every=self.observe_every)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> "Plan":
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict):
+                raise TypeError("expected a JSON object")
+            if d.get("version") != PLAN_VERSION:
+                raise PlanError(f"{source}: plan format {d.get('version')!r}, this build reads {PLAN_VERSION}")
+            return cls(**d)
+        except (ValueError, TypeError) as e:
+            raise PlanError(f"{source}: not a swapmoe plan ({e})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Plan":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read plan: {e.strerror or e}") from None
+        return cls.from_json(text, str(path))
+
+    def check_model(self, model_path: str | os.PathLike[str]) -> None:
+        """Refuse a plan made for another model or for an earlier version of this file."""
+        fp = model_fingerprint(model_path)
+        if fp != self.fingerprint:
+            same = Path(model_path).resolve() == Path(self.model)
+            why = "the file changed since the plan was made" if same else f"the plan was made for {self.model}"
+            raise PlanError(f"plan does not match {model_path}: {why} (fingerprint {self.fingerprint} != {fp}); "
+                            "run `swapmoe plan` again")
+
+
+def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int) -> tuple[int, int, float, float]:
+    t_dec = prof.decode_ms_at(slots)
+    best: tuple[float, int, int] | None = None
+    for f in INTERVALS:
+        for q in range(1, slots + 1):
+            io = q * n_moe_layers * prof.read_ms / (f * t_dec)
+            commit = q * n_moe_layers * prof.commit_ms / (f * t_dec)
+            if io <= IO_SHARE and commit <= COMMIT_SHARE:
+                cap = q / f
+                if best is None or cap > best[0] + 1e-12:
+                    best = (cap, f, q)
+    if best is None:  # even one swap every 256 tokens is not hidden: swap rarely, one at a time
+        f, q = INTERVALS[-1], 1
+    else:
+        _, f, q = best
+    return (f, q, q * n_moe_layers * prof.read_ms / (f * t_dec), q * n_moe_layers * prof.commit_ms / (f * t_dec))
+
+
+def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_ctx: int, threads: int,
+              experts_per_layer: int | None = None, baseline: int | None = None,
+              decay: float = SchedulerConfig.decay, margin: float = SchedulerConfig.margin) -> Plan:
+    mem0 = estimate(info, n_ctx=n_ctx, n_batch=min(n_ctx, 512), baseline=baseline)
+    mem: MemoryPlan = plan_slots(mem0, budget, experts_per_layer)
+    n, k, layers = info.n_expert, info.params.n_expert_used, len(info.moe_layers)
+    s = mem.slots
+    reasons = [f"memory: {fmt(mem.total())} = {mem.parts()}"]
+    if budget is not None:
+        reasons.append(f"budget {fmt(budget.resolve(mem.total(n)))} admits {s} of {n} experts per layer "
+                       f"(each slot costs {fmt(mem.per_slot)} across {layers} MoE layers)")
+    if s == n:
+        policy, f, q, io, commit = "full", INTERVALS[-1], 0, 0.0, 0.0
+        reasons.append("everything fits: running the full model (no swapping)")
+        t_dec = prof.decode_ms_at(s)
+    else:
+        policy = "swapmoe"
+        f, q, io, commit = choose_interval_quota(prof, s, layers)
+        t_dec = prof.decode_ms_at(s)
+        reasons.append(f"one expert: read {prof.read_ms:.2f} ms ({prof.read_mb_s:.0f} MB/s), commit "
+                       f"{prof.commit_ms:.2f} ms; decode {t_dec:.2f} ms/token at S={s}")
+        reasons.append(f"F={f}, Q={q}: up to {q * layers} swaps every {f} tokens keep the read thread busy "
+                       f"{io:.0%} of decode time (limit {IO_SHARE:.0%}) and add {commit:.1%} to decoding "
+                       f"(limit {COMMIT_SHARE:.0%})")
+        if s == k:
+            reasons.append(f"S equals top-k ({k}): every token's experts come from the resident set only")
+    # Scoring a layer splits llama.cpp's graph there; ~8 samples per layer per update window are
+    # plenty for a decayed importance, so with long intervals each layer is scored on every n-th token.
+    observe = max(1, f // 8) if policy == "swapmoe" else 1
+    if observe > 1:
+        reasons.append(f"router scored on every {observe}th token per layer (staggered): {f // observe} samples "
+                       "per layer per update")
+    tok_s = 1e3 / (t_dec * (1 + commit))
+    return Plan(PLAN_VERSION, str(info.path.resolve()), model_fingerprint(info.path), policy,
+                budget.resolve(mem.total(n)) if budget else None, n_ctx, threads, s, n, f, q, decay, margin,
+                round(tok_s, 2), round(q * layers / f, 4), round(io, 4), round(commit, 4),
+                {"baseline": mem.baseline, "non_expert": mem.non_expert, "rows": mem.rows, "kv_cache": mem.kv_cache,
+                 "compute": mem.compute, "staging": mem.staging, "per_slot": mem.per_slot, "total": mem.total()},
+                reasons, observe_every=observe)
+
+
+def render(plan: Plan) -> str:
+    rows = [
+        ("model", plan.model), ("policy", plan.policy),
+        ("experts per layer (S)", f"{plan.experts_per_layer} of {plan.n_expert}"),
+        ("update interval (F)", f"{plan.interval} tokens"), ("swap quota (Q)", f"{plan.quota} per layer per update"),
+        ("memory", f"{fmt(plan.memory['total'])}" + (f" of {fmt(plan.budget_bytes)} budget" if plan.budget_bytes else "")),
+        ("expected decode", f"{plan.expected_tok_s:.1f} tok/s"),
+        ("swaps per token (max)", f"{plan.swaps_per_token:g}"),
+        ("I/O share of a token", f"{plan.io_share:.1%} read thread, {plan.commit_share:.1%} commit"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k + ':':<{w + 1}} {v}" for k, v in rows]
+    return "\n".join(lines + ["", "why:"] + [f"  - {r}" for r in plan.reasons])
+
+
+__all__ = ["Plan", "PlanError", "make_plan", "render", "choose_interval_quota", "BudgetError"]

@@ -1,0 +1,155 @@
+"""Device profile: what this machine does with this model, measured once and cached.
+
+Measured: reading expert slices from the file with the page cache dropped for those ranges
+(MB/s), committing an expert into a slot (`ggml_backend_tensor_set`), decode time per token at
+two slot counts (with the router tap on, as the `swapmoe` policy runs), and prefill speed.
+Cached per model file and machine under the user cache directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .gguf_info import GGUFInfo
+from .paths import cache_dir
+
+log = logging.getLogger(__name__)
+PROFILE_VERSION = 1
+
+
+def model_fingerprint(path: str | os.PathLike[str]) -> str:
+    """Identity of a model file: size, mtime and a hash of its first MiB (metadata and first tensors)."""
+    p = Path(path)
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+    return f"{st.st_size}-{st.st_mtime_ns}-{h.hexdigest()[:16]}"
+
+
+def machine_id() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node()}-{cpu}-{os.cpu_count()}cpu"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    version: int
+    model: str
+    fingerprint: str
+    machine: str
+    threads: int
+    n_gpu_layers: int
+    expert_bytes: int            # one expert of one layer, all its tensors
+    read_mb_s: float             # expert reads, page cache dropped
+    commit_ms: float             # one expert into a slot
+    decode_ms: dict[int, float]  # slots -> ms per token (router tap on)
+    prefill_tok_s: float
+    seconds: float               # how long profiling took
+
+    @property
+    def read_ms(self) -> float:
+        return self.expert_bytes / (self.read_mb_s * 1e6) * 1e3
+
+    def decode_ms_at(self, slots: int) -> float:
+        """Linear in the slot count between the measured points (the router grows with S)."""
+        pts = sorted((int(k), v) for k, v in self.decode_ms.items())
+        if len(pts) == 1 or slots <= pts[0][0]:
+            return pts[0][1]
+        (s0, d0), (s1, d1) = pts[0], pts[-1]
+        return d0 + (d1 - d0) * (slots - s0) / max(1, s1 - s0)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DeviceProfile":
+        d = json.loads(text)
+        d["decode_ms"] = {int(k): float(v) for k, v in d["decode_ms"].items()}
+        return cls(**d)
+
+
+def profile_path(info: GGUFInfo, threads: int, n_gpu_layers: int) -> Path:
+    key = hashlib.sha256(f"{info.path.resolve()}|{model_fingerprint(info.path)}|{machine_id()}".encode()).hexdigest()[:20]
+    return cache_dir() / "profiles" / f"{key}-t{threads}-ngl{n_gpu_layers}.json"
+
+
+def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int = 512) -> DeviceProfile:
+    from .runtime import SwapMoELlama
+
+    t_start = time.perf_counter()
+    k, n = info.params.n_expert_used, info.n_expert
+    decode: dict[int, float] = {}
+    prefill = 0.0
+    read_ms: list[float] = []
+    commit_ms: list[float] = []
+    expert_bytes = 0
+    kw = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
+              n_gpu_layers=n_gpu_layers, verbose=False)
+    for slots in sorted({k, min(n, 2 * k)}):
+        rt = SwapMoELlama(str(info.path), experts_per_layer=slots, policy="static",
+                          initial_experts={l: list(range(slots)) for l in info.moe_layers}, **kw)
+        try:
+            rt.tap.enabled = True  # as the swapmoe policy runs
+            prompt = [t % max(2, info.params.n_vocab - 1) + 1 for t in range(3, 3 + min(64, n_ctx // 4))]
+            rt.reset()
+            t0 = time.perf_counter()
+            rt.eval(prompt)
+            prefill = max(prefill, len(prompt) / (time.perf_counter() - t0))
+            tok, times = prompt[-1], []
+            for _ in range(24):
+                t0 = time.perf_counter()
+                rt.eval([tok])
+                times.append(time.perf_counter() - t0)
+                tok = 1 + (tok * 31) % max(2, info.params.n_vocab - 1)
+            decode[slots] = 1e3 * statistics.median(times[4:])
+            if not read_ms:  # reads and commits: cycle experts through slot 0, page cache dropped first
+                vm = rt.vmodel
+                fd = vm.store.fd
+                os.fsync(fd)
+                for layer in vm.moe_layers[:4]:
+                    for e in range(min(n, 6)):
+                        for t in vm.store.layers[layer]:
+                            s, end = t.expert_range(e)
+                            os.posix_fadvise(fd, s, end - s, os.POSIX_FADV_DONTNEED)
+                        t0 = time.perf_counter()
+                        staged = vm.store.read(layer, e)
+                        t1 = time.perf_counter()
+                        vm.commit(0, staged)
+                        t2 = time.perf_counter()
+                        vm.store.release(staged)
+                        read_ms.append(1e3 * (t1 - t0))
+                        commit_ms.append(1e3 * (t2 - t1))
+                        expert_bytes = max(expert_bytes, sum(v.nbytes for v in staged.parts.values()))
+        finally:
+            rt.close()
+    read = statistics.median(read_ms)
+    return DeviceProfile(PROFILE_VERSION, str(info.path.resolve()), model_fingerprint(info.path), machine_id(),
+                         threads, n_gpu_layers, expert_bytes, round(expert_bytes / (read / 1e3) / 1e6, 1),
+                         round(statistics.median(commit_ms), 4), {s: round(v, 4) for s, v in decode.items()},
+                         round(prefill, 1), round(time.perf_counter() - t_start, 2))
+
+
+def load_or_measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, refresh: bool = False) -> DeviceProfile:
+    path = profile_path(info, threads, n_gpu_layers)
+    if path.is_file() and not refresh:
+        try:
+            prof = DeviceProfile.from_json(path.read_text())
+            if prof.version == PROFILE_VERSION and prof.fingerprint == model_fingerprint(info.path):
+                log.info("using cached device profile %s", path)
+                return prof
+        except (ValueError, TypeError, KeyError):
+            log.info("ignoring unreadable profile cache %s", path)
+    prof = measure(info, threads=threads, n_gpu_layers=n_gpu_layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(prof.to_json())
+    os.replace(tmp, path)
+    return prof

@@ -1,0 +1,114 @@
+"""The profiling-guided planner: S from the budget, F and Q from the device profile."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from swapmoe_gguf.budget import Budget, BudgetError
+from swapmoe_gguf.converters import convert
+from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
+from swapmoe_gguf.gguf_info import read_gguf
+from swapmoe_gguf.planner import Plan, PlanError, make_plan
+from swapmoe_gguf.profile import DeviceProfile, model_fingerprint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    src = write_tiny_mixtral(root / "hf", hidden=256, ffn=512, layers=4, experts=8, heads=8, kv_heads=4)
+    out = root / "m.gguf"
+    convert(src, out, "q8_0", progress=False)
+    return out
+
+
+def _profile(info, read_mb_s: float, commit_ms: float = 0.05, decode_ms: float = 5.0) -> DeviceProfile:
+    return DeviceProfile(1, str(info.path), model_fingerprint(info.path), "test", 2, 0, info.expert_bytes,
+                         read_mb_s, commit_ms, {2: decode_ms, 4: decode_ms * 1.02}, 500.0, 0.0)
+
+
+def test_slow_disk_raises_interval_and_lowers_quota(model):
+    info = read_gguf(model)
+    budget = Budget(nbytes=10 << 30)
+    fast = make_plan(info, _profile(info, 2000.0), budget, n_ctx=256, threads=2, experts_per_layer=4, baseline=50 << 20)
+    slow = make_plan(info, _profile(info, 20.0), budget, n_ctx=256, threads=2, experts_per_layer=4, baseline=50 << 20)
+    assert fast.policy == slow.policy == "swapmoe"
+    assert slow.interval > fast.interval or slow.quota < fast.quota
+    assert slow.quota / slow.interval < fast.quota / fast.interval
+    for p in (fast, slow):  # swaps stay hidden behind decoding
+        assert p.io_share <= 0.5 and p.commit_share <= 0.05
+
+
+def test_budget_below_minimum_and_everything_fits(model):
+    info = read_gguf(model)
+    prof = _profile(info, 500.0)
+    with pytest.raises(BudgetError, match="below the minimum"):
+        make_plan(info, prof, Budget(nbytes=1 << 20), n_ctx=256, threads=2, baseline=50 << 20)
+    full = make_plan(info, prof, Budget(nbytes=10 << 30), n_ctx=256, threads=2, baseline=50 << 20)
+    assert full.policy == "full" and full.experts_per_layer == 8
+    assert any("everything fits" in r for r in full.reasons)
+
+
+def test_plan_json_round_trip_and_model_check(model, tmp_path):
+    info = read_gguf(model)
+    plan = make_plan(info, _profile(info, 300.0), None, n_ctx=256, threads=2, experts_per_layer=3, baseline=50 << 20)
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    again.check_model(model)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(model.read_bytes())
+    os.utime(other, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(PlanError, match="made for"):
+        plan.check_model(other)
+    with pytest.raises(PlanError, match="not a swapmoe plan"):
+        Plan.from_json("[1, 2]")
+    with pytest.raises(PlanError, match="not a swapmoe plan"):
+        Plan.from_json(json.dumps({"version": 1, "model": "x"}))
+    with pytest.raises(PlanError, match="plan format"):
+        Plan.from_json(json.dumps({**json.loads(plan.to_json()), "version": 99}))
+
+
+def test_changed_file_is_refused(model, tmp_path):
+    import shutil
+
+    from swapmoe_gguf.runtime import SwapMoELlama
+
+    copy = tmp_path / "m.gguf"
+    shutil.copy(model, copy)
+    info = read_gguf(copy)
+    plan = make_plan(info, _profile(info, 300.0), None, n_ctx=256, threads=2, experts_per_layer=3, baseline=50 << 20)
+    rt = SwapMoELlama(str(copy), plan=plan, n_ctx=256, n_threads=2)
+    assert rt.vmodel.slots == 3 and rt.policy.scheduler.config == plan.scheduler
+    rt.close()
+    with open(copy, "r+b") as f:  # touch the file: a different model now, as far as the plan knows
+        f.seek(100)
+        f.write(b"\0")
+    with pytest.raises(PlanError, match="file changed"):
+        SwapMoELlama(str(copy), plan=plan, n_ctx=256, n_threads=2)
+
+
+def test_plan_cli_profiles_and_writes_json(model, tmp_path):
+    out = tmp_path / "plan.json"
+    env_cache = tmp_path / "cache"
+    t0 = time.perf_counter()
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "swapmoe_gguf", "plan", str(model), "--memory-budget", "90%",
+                        "-c", "256", "-t", "2", "-o", str(out)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "XDG_CACHE_HOME": str(env_cache)})
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert elapsed < 60  # profiling + planning in under a minute on this machine
+    for label in ("experts per layer (S):", "update interval (F):", "swap quota (Q):", "why:", "memory:"):
+        assert label in r.stdout
+    plan = Plan.load(out)
+    assert plan.fingerprint == model_fingerprint(model)
+    assert list((env_cache / "swapmoe-gguf" / "profiles").glob("*.json")), "profile not cached"
+    bad = run_cli("plan", str(model), "--memory-budget", "1MiB")
+    assert bad.returncode == 2 and "below the minimum" in bad.stderr
