@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import SwapMoEError
+from .settings import add_model_args, add_sampling_args
 
 log = logging.getLogger("swapmoe_gguf")
 
@@ -77,6 +78,13 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(a: argparse.Namespace) -> int:
+    from .chat import run_chat
+    from .settings import model_settings, sampling_settings
+
+    return run_chat(model_settings(a), sampling_settings(a), prompt=a.prompt, system=a.system, raw=a.raw)
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -113,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", default=None, help="write the plan as JSON")
     pl.add_argument("--reprofile", action="store_true", help="measure again instead of using the cached profile")
     pl.set_defaults(func=_cmd_plan)
+
+    ch = sub.add_parser("chat", help="chat with a model under a memory budget (or one answer with -p)")
+    add_model_args(ch)
+    add_sampling_args(ch)
+    ch.add_argument("-p", "--prompt", default=None, help="answer this prompt and exit (stdin works too)")
+    ch.add_argument("-sys", "--system", default=None, help="system message")
+    ch.add_argument("--raw", "-no-cnv", dest="raw", action="store_true",
+                    help="complete the prompt as plain text, no chat template; print only the generated text")
+    ch.set_defaults(func=_cmd_chat)
 
     d = sub.add_parser("demo", help="build a tiny MoE checkpoint, convert, inspect and run it")
     d.add_argument("--dir", default=None, help="work directory (default: user cache)")

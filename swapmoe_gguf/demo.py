@@ -15,12 +15,12 @@ from .inspect import render, summary
 from .paths import cache_dir
 
 
-def run_demo(directory: str | None, force: bool = False) -> int:
+def default_model(directory: Path | None = None, force: bool = False) -> Path:
+    """The embedded default model as a swap-ready GGUF, built and converted once into the cache."""
     from .converters import convert
     from .converters.tiny_checkpoint import write_tiny_mixtral
-    from .gguf_info import read_gguf
 
-    root = Path(directory) if directory else cache_dir() / "demo"
+    root = directory or cache_dir() / "demo"
     ckpt, gguf = root / "tiny-mixtral-hf", root / "tiny-mixtral-q8_0.gguf"
     if force or not (ckpt / "config.json").is_file():
         print(f"building a random 8-expert Mixtral checkpoint in {ckpt}")
@@ -29,6 +29,13 @@ def run_demo(directory: str | None, force: bool = False) -> int:
     if force or not gguf.is_file():
         r = convert(ckpt, gguf, "q8_0", force=True)
         print(f"converted to {gguf} in {r.seconds:.1f} s")
+    return gguf
+
+
+def run_demo(directory: str | None, force: bool = False) -> int:
+    from .gguf_info import read_gguf
+
+    gguf = default_model(Path(directory) if directory else None, force)
     print(render(summary(read_gguf(gguf))))
 
     from .budget import fmt

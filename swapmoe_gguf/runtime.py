@@ -69,9 +69,10 @@ class _HookedContext(internals.LlamaContext):
         rt = self._runtime()
         if rt is not None:
             rt._before_decode()
+        t0 = time.perf_counter()
         super().decode(batch)
         if rt is not None:
-            rt._after_decode(batch.batch.n_tokens)
+            rt._after_decode(batch.batch.n_tokens, time.perf_counter() - t0)
 
 
 @contextlib.contextmanager
@@ -199,11 +200,20 @@ class SwapMoELlama(Llama):
         if self.pending:
             self.apply_pending(limit=self.commits_per_step)
 
-    def _after_decode(self, n_tokens: int) -> None:
+    def _after_decode(self, n_tokens: int, seconds: float) -> None:
         if self.tap.error is not None:
             err, self.tap.error = self.tap.error, None
+            if isinstance(err, KeyboardInterrupt):  # Ctrl-C landed in the callback: deliver it here
+                raise err
             raise RuntimeError(f"router tap failed: {err}") from err
-        self.telemetry_.tokens += n_tokens
+        t = self.telemetry_
+        t.tokens += n_tokens
+        if n_tokens == 1:
+            t.decode_tokens += 1
+            t.decode_seconds += seconds
+        else:
+            t.prefill_tokens += n_tokens
+            t.prefill_seconds += seconds
         batch = self.tap.take()
         if batch is not None:
             if not self.policy.owns_hit_rate:
@@ -316,7 +326,8 @@ class SwapMoELlama(Llama):
         return TelemetrySnapshot(
             resident={l: tuple(v) for l, v in self.vmodel.slot_map.items()}, slots=self.vmodel.slots,
             swaps=t.swaps, swap_failures=t.swap_failures + 0, bytes_read=st.bytes_read, read_seconds=st.read_seconds,
-            io_blocked_seconds=t.io_blocked_seconds, tokens=t.tokens,
+            io_blocked_seconds=t.io_blocked_seconds, tokens=t.tokens, decode_tokens=t.decode_tokens,
+            decode_seconds=t.decode_seconds, prefill_tokens=t.prefill_tokens, prefill_seconds=t.prefill_seconds,
             hit_rate=1.0 if self.vmodel.slots == self.vmodel.n_expert else t.hit_rate,
             rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes)
 

@@ -1,7 +1,7 @@
 """Runtime telemetry: counters updated by the runtime, read as immutable snapshots."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,10 @@ class TelemetrySnapshot:
     read_seconds: float       # time the I/O thread spent reading
     io_blocked_seconds: float  # time decoding waited for I/O (0 unless a policy must block)
     tokens: int
+    decode_tokens: int        # tokens decoded one at a time (generation)
+    decode_seconds: float
+    prefill_tokens: int       # tokens decoded in batches (prompts)
+    prefill_seconds: float
     hit_rate: float | None    # share of the full router's top-k mass on resident experts
     rss_bytes: int
     peak_rss_bytes: int
@@ -26,10 +30,13 @@ class Telemetry:
     swap_failures: int = 0
     io_blocked_seconds: float = 0.0
     tokens: int = 0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
     hit_mass: float = 0.0      # sum over (token, layer) of the hit share
     hit_count: int = 0
     peak_rss_bytes: int = 0
-    recent_hits: list[float] = field(default_factory=list)
 
     def add_hits(self, shares: "list[float] | object") -> None:
         import numpy as np

@@ -1,0 +1,98 @@
+"""One settings model for the command line and the server: model/runtime and sampling options.
+
+Flag names follow llama.cpp's `llama-cli` / `llama-server` where one exists (-m, -c, -t, -ngl, -b,
+-n, -s, --temp, --top-p, --top-k, --min-p, --repeat-penalty); sampling defaults are
+llama-server's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, repeat penalty 1.0).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runtime import SwapMoELlama
+
+
+@dataclass
+class ModelSettings:
+    model: str | None = None            # None: the embedded default model
+    memory_budget: str | None = None
+    experts_per_layer: int | None = None
+    policy: str | None = None
+    plan: str | None = None
+    ctx_size: int = 4096
+    threads: int = 0                    # 0: half the CPUs, as llama.cpp
+    n_gpu_layers: int = 0
+    batch_size: int = 512
+    seed: int = -1
+    verbose: bool = False
+
+    def load(self) -> "SwapMoELlama":
+        from .demo import default_model
+        from .runtime import SwapMoELlama
+
+        path = self.model or str(default_model())
+        threads = self.threads or max(1, (os.cpu_count() or 2) // 2)
+        return SwapMoELlama(path, memory_budget=self.memory_budget, experts_per_layer=self.experts_per_layer,
+                            policy=self.policy, plan=self.plan, n_ctx=self.ctx_size, n_batch=self.batch_size,
+                            n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,
+                            seed=self.seed if self.seed >= 0 else 0xFFFFFFFF, verbose=self.verbose)
+
+
+@dataclass
+class SamplingSettings:
+    temp: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    n_predict: int = -1                 # -1: until end of text or context
+    ignore_eos: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of llama-cpp-python's create_(chat_)completion."""
+        return {"temperature": self.temp, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "repeat_penalty": self.repeat_penalty, "max_tokens": None if self.n_predict < 0 else self.n_predict}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and memory")
+    g.add_argument("-m", "--model", default=None, help="swap-ready .gguf (default: the embedded default model)")
+    g.add_argument("--memory-budget", default=None, help="whole-process memory budget: 4GiB, 4G, 3000MiB, 75%%")
+    g.add_argument("--experts-per-layer", type=int, default=None, help="resident experts per layer S")
+    g.add_argument("--policy", default=None, choices=("swapmoe", "static", "exact", "full"),
+                   help="residency policy (default swapmoe, or the plan's)")
+    g.add_argument("--plan", default=None, help="plan JSON from `swapmoe plan`")
+    g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length")
+    g.add_argument("-t", "--threads", type=int, default=0, help="threads (default: half the CPUs)")
+    g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
+    g.add_argument("-b", "--batch-size", type=int, default=512, help="prompt batch size")
+    g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1: random)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (llama-server defaults)")
+    d = SamplingSettings()
+    g.add_argument("--temp", type=float, default=d.temp)
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--top-k", type=int, default=d.top_k)
+    g.add_argument("--min-p", type=float, default=d.min_p)
+    g.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty)
+    g.add_argument("-n", "--n-predict", type=int, default=d.n_predict, help="max tokens per answer (-1: no limit)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+
+
+def _pick(cls: type, ns: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
+def model_settings(ns: argparse.Namespace) -> ModelSettings:
+    s = _pick(ModelSettings, ns)
+    s.verbose = bool(getattr(ns, "verbose", 0) and ns.verbose > 1)
+    return s
+
+
+def sampling_settings(ns: argparse.Namespace) -> SamplingSettings:
+    return _pick(SamplingSettings, ns)
