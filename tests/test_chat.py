@@ -90,8 +90,9 @@ def test_ctrl_c_stops_an_answer_not_the_chat(model):
     try:
         child.expect("> ")
         child.sendline("tell me everything")
-        child.expect("tell me everything\r\n")  # the terminal's echo
-        child.expect(".+")                        # the answer has started
+        import time
+
+        time.sleep(1.0)  # 3500 tokens without end-of-text: the answer is still streaming
         child.sendintr()
         child.expect(r"\[stopped\]")
         child.expect("> ")
