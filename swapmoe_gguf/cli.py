@@ -85,6 +85,21 @@ def _cmd_chat(a: argparse.Namespace) -> int:
     return run_chat(model_settings(a), sampling_settings(a), prompt=a.prompt, system=a.system, raw=a.raw)
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from .server import ServerSettings, serve
+    from .settings import model_settings, sampling_settings
+
+    if a.parallel < 0 or not 0 < a.port < 65536:
+        raise SwapMoEError(f"serve: need --port in 1..65535 and --parallel >= 0, got {a.port} and {a.parallel}")
+    llm = model_settings(a).load()
+    try:
+        serve(llm, ServerSettings(host=a.host, port=a.port, api_key=a.api_key, alias=a.alias, queue=a.parallel,
+                                  max_body_bytes=a.max_body, cors_origins=tuple(a.cors or ())), sampling_settings(a))
+    finally:
+        llm.close()
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -130,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--raw", "-no-cnv", dest="raw", action="store_true",
                     help="complete the prompt as plain text, no chat template; print only the generated text")
     ch.set_defaults(func=_cmd_chat)
+
+    sv = sub.add_parser("serve", help="llama-server-compatible HTTP API under a memory budget")
+    add_model_args(sv)
+    add_sampling_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (all but /health)")
+    sv.add_argument("-a", "--alias", default=None, help="model name reported by the API")
+    sv.add_argument("-np", "--parallel", type=int, default=8,
+                    help="requests that may wait for the model; more are refused with 503")
+    sv.add_argument("--max-body", type=int, default=8 << 20, help="largest request body in bytes")
+    sv.add_argument("--cors", action="append", default=None, metavar="ORIGIN", help="allow this CORS origin")
+    sv.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("demo", help="build a tiny MoE checkpoint, convert, inspect and run it")
     d.add_argument("--dir", default=None, help="work directory (default: user cache)")

@@ -151,8 +151,8 @@ class _Collector(FixedPolicy):
             self.scheduler.observe(layer, *batch.layer(layer))
 
 
-def calibrate(rt: "SwapMoELlama", tokens: list[int], slots: int) -> dict[int, list[int]]:
-    """Importance over a calibration text (no decay), then the top-`slots` set of every layer."""
+def calibrate(rt: "SwapMoELlama", tokens: list[int]) -> dict[int, list[int]]:
+    """Importance over a calibration text (no decay): every layer's experts, most important first."""
     vm = rt.vmodel
     sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
                                 SchedulerConfig(decay=1.0 - 1e-9, interval=1 << 30, quota=0))
@@ -166,4 +166,4 @@ def calibrate(rt: "SwapMoELlama", tokens: list[int], slots: int) -> dict[int, li
     finally:
         rt.policy, rt.tap.enabled = saved, enabled
         rt.reset()
-    return {l: sched.target(l, slots) for l in vm.moe_layers}
+    return {l: [int(e) for e in np.argsort(-sched.scores[sched.index[l]], kind="stable")] for l in vm.moe_layers}

@@ -146,6 +146,7 @@ class SwapMoELlama(Llama):
             # Lossless needs each micro-batch's top-k experts to fit in the S slots: one token at a time.
             n_batch = n_ubatch = 1
         self.policy_name = policy
+        self.static_rank: dict[int, list[int]] | None = None  # static: calibration order per layer
         self.telemetry_ = Telemetry()
         self._proc = psutil.Process()
         self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
@@ -186,8 +187,9 @@ class SwapMoELlama(Llama):
         """`static`: fix each layer's top-S experts by importance over a calibration text."""
         if text is None:
             text = (resources.files("swapmoe_gguf") / "data" / "calibration.txt").read_text(encoding="utf-8")
-        target = calibrate(self, self.tokenize(text.encode(), add_bos=True), self.vmodel.slots)
-        for layer, want in target.items():
+        self.static_rank = calibrate(self, self.tokenize(text.encode(), add_bos=True))
+        for layer, order in self.static_rank.items():
+            want = order[: self.vmodel.slots]
             slots = self.vmodel.slot_map[layer]
             free = [s for s, e in enumerate(slots) if e not in want]
             for slot, e in zip(free, [e for e in want if e not in slots]):
@@ -314,6 +316,8 @@ class SwapMoELlama(Llama):
     def _ranked(self, layer: int) -> list[int]:
         """Experts of a layer, most important first (scheduler scores, then residency, then norms)."""
         vm = self.vmodel
+        if self.static_rank is not None:  # static: the calibration's order, whatever S is
+            return list(self.static_rank[layer])
         sched = getattr(self.policy, "scheduler", None)
         score = sched.scores[sched.index[layer]] if sched is not None else np.zeros(vm.n_expert)
         norms = vm.info.expert_norms[vm.moe_layers.index(layer)]  # type: ignore[index]

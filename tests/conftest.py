@@ -148,3 +148,40 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def stories_moe() -> Path:
     assert STORIES_MOE.is_file(), f"missing {STORIES_MOE} (the repository expects ../shared beside it)"
     return STORIES_MOE
+
+
+class HTTPResult:
+    """A finished HTTP exchange (stdlib only), with the handful of accessors the tests need."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.content = status, headers, body
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self):  # type: ignore[no-untyped-def]
+        import json
+
+        return json.loads(self.content)
+
+
+def http(method: str, url: str, *, json=None, content: bytes | None = None, headers: dict | None = None,  # type: ignore[no-untyped-def]
+         timeout: float = 30, stream: bool = False):
+    """One request with http.client. With stream=True, returns the open response (iterate its lines)."""
+    import http.client
+    import json as _json
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    body = _json.dumps(json).encode() if json is not None else content
+    hdrs = {"content-type": "application/json", **(headers or {})} if body is not None else dict(headers or {})
+    conn.request(method, u.path or "/", body=body, headers=hdrs)
+    resp = conn.getresponse()
+    if stream:
+        resp.conn_ref = conn  # keep the connection; closing the response hangs up
+        return resp
+    data = resp.read()
+    conn.close()
+    return HTTPResult(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
