@@ -76,22 +76,11 @@ def main() -> None:
     rt = runs["swapmoe"]
     step = 1.0 / med["swapmoe"]
 
-    # swaps: read (page cache dropped by the store) + commit, cycling experts through slot 0
-    vm = rt.vmodel
-    os.fsync(vm.store.fd)  # dirty pages (a freshly converted file) cannot be dropped until written
-    os.posix_fadvise(vm.store.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold: every expert read goes to disk
-    reads, commits, nbytes = [], [], 0
-    for layer in vm.moe_layers:
-        for e in range(vm.n_expert):
-            t0 = time.perf_counter()
-            staged = vm.store.read(layer, e)
-            t1 = time.perf_counter()
-            vm.commit(0, staged)
-            t2 = time.perf_counter()
-            vm.store.release(staged)
-            reads.append(t1 - t0)
-            commits.append(t2 - t1)
-            nbytes = sum(v.nbytes for v in staged.parts.values())
+    # swaps: cold read + commit, cycling experts through slot 0
+    from swapmoe_gguf.profile import time_swaps
+
+    read_ms, commit_ms, nbytes = time_swaps(rt.vmodel)
+    reads, commits = [r / 1e3 for r in read_ms], [c / 1e3 for c in commit_ms]
     res = {
         "date": date.today().isoformat(), "cpus": os.cpu_count(), "threads": a.threads, "model": model,
         "expert_MB": round(nbytes / 1e6, 2),

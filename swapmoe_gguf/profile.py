@@ -81,6 +81,31 @@ def profile_path(info: GGUFInfo, threads: int, n_gpu_layers: int) -> Path:
     return cache_dir() / "profiles" / f"{key}-t{threads}-ngl{n_gpu_layers}.json"
 
 
+def time_swaps(vm, layers: int | None = None, experts: int | None = None) -> tuple[list[float], list[float], int]:  # type: ignore[no-untyped-def]
+    """Cycle experts through slot 0 of a `VirtualExpertModel`: (read ms, commit ms, expert bytes).
+    Each read is cold: the file is synced and the expert's pages are dropped first."""
+    fd = vm.store.fd
+    os.fsync(fd)  # dirty pages (a freshly converted file) cannot be dropped
+    reads: list[float] = []
+    commits: list[float] = []
+    nbytes = 0
+    for layer in vm.moe_layers[:layers]:
+        for e in range(min(vm.n_expert, experts or vm.n_expert)):
+            for t in vm.store.layers[layer]:
+                start, end = t.expert_range(e)
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            staged = vm.store.read(layer, e)
+            t1 = time.perf_counter()
+            vm.commit(0, staged)
+            t2 = time.perf_counter()
+            vm.store.release(staged)
+            reads.append(1e3 * (t1 - t0))
+            commits.append(1e3 * (t2 - t1))
+            nbytes = max(nbytes, sum(v.nbytes for v in staged.parts.values()))
+    return reads, commits, nbytes
+
+
 def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int = 512) -> DeviceProfile:
     from .runtime import SwapMoELlama
 
@@ -110,24 +135,8 @@ def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int =
                 times.append(time.perf_counter() - t0)
                 tok = 1 + (tok * 31) % max(2, info.params.n_vocab - 1)
             decode[slots] = 1e3 * statistics.median(times[4:])
-            if not read_ms:  # reads and commits: cycle experts through slot 0, page cache dropped first
-                vm = rt.vmodel
-                fd = vm.store.fd
-                os.fsync(fd)
-                for layer in vm.moe_layers[:4]:
-                    for e in range(min(n, 6)):
-                        for t in vm.store.layers[layer]:
-                            s, end = t.expert_range(e)
-                            os.posix_fadvise(fd, s, end - s, os.POSIX_FADV_DONTNEED)
-                        t0 = time.perf_counter()
-                        staged = vm.store.read(layer, e)
-                        t1 = time.perf_counter()
-                        vm.commit(0, staged)
-                        t2 = time.perf_counter()
-                        vm.store.release(staged)
-                        read_ms.append(1e3 * (t1 - t0))
-                        commit_ms.append(1e3 * (t2 - t1))
-                        expert_bytes = max(expert_bytes, sum(v.nbytes for v in staged.parts.values()))
+            if not read_ms:
+                read_ms, commit_ms, expert_bytes = time_swaps(rt.vmodel, layers=4, experts=6)
         finally:
             rt.close()
     read = statistics.median(read_ms)

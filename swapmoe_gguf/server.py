@@ -190,6 +190,23 @@ class Server:
         self.counters["prompt_tokens"] += u.get("prompt_tokens", 0)
         self.counters["predicted_tokens"] += u.get("completion_tokens", 0)
 
+    def openai_kwargs(self, body: BaseModel) -> dict[str, Any]:
+        """`Llama.create_*` keyword arguments from an OpenAI request, with llama-server's defaults."""
+        kwargs = self._sampling_defaults(body, body.model_dump(exclude=_EXCLUDE | {"grammar", "logit_bias"}))
+        bias = getattr(body, "logit_bias", None)
+        if bias:
+            kwargs["logit_bias"] = {int(k): v for k, v in bias.items()}
+        self.counters["requests"] += 1
+        return kwargs
+
+    async def respond(self, request: Request, stream: bool, make: Callable[..., Any], kwargs: dict[str, Any],
+                      sse: Callable[..., Any]) -> Any:
+        if stream:
+            return sse(self.stream(request, lambda: make(**kwargs, stream=True)))
+        out = await self.run(lambda: make(**kwargs))
+        self._count(out)
+        return out | {"model": self.alias}
+
     def _check_prompt(self, n_tokens: int) -> None:
         if n_tokens >= self.llm.n_ctx():
             raise APIError(400, f"the prompt has {n_tokens} tokens; the context holds {self.llm.n_ctx()}",
@@ -283,37 +300,23 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body: CreateCompletionRequest = await parse(request, CreateCompletionRequest)
-        kwargs = srv._sampling_defaults(body, body.model_dump(exclude=_EXCLUDE | {"grammar", "logit_bias"}))
-        if body.logit_bias:
-            kwargs["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+        kwargs = srv.openai_kwargs(body)
+        kwargs.pop("stream")
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
         srv._check_prompt(len(llm.tokenize(prompt.encode(), add_bos=True, special=True)))
         kwargs["prompt"] = prompt
-        srv.counters["requests"] += 1
-        if body.stream:
-            kwargs["stream"] = True
-            return sse(srv.stream(request, lambda: llm.create_completion(**kwargs)))
-        out = await srv.run(lambda: llm.create_completion(**kwargs))
-        srv._count(out)
-        return out | {"model": srv.alias}
+        return await srv.respond(request, body.stream, llm.create_completion, kwargs, sse)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body: CreateChatCompletionRequest = await parse(request, CreateChatCompletionRequest)
         if not body.messages:
             raise APIError(400, "messages must not be empty", code="invalid_value")
-        kwargs = srv._sampling_defaults(body, body.model_dump(exclude=_EXCLUDE | {"grammar", "logit_bias"}))
-        if body.logit_bias:
-            kwargs["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+        kwargs = srv.openai_kwargs(body)
+        kwargs.pop("stream")
         srv._check_prompt(sum(len(llm.tokenize(str(m.get("content") or "").encode(), add_bos=False))
                               for m in kwargs["messages"]))
-        srv.counters["requests"] += 1
-        if body.stream:
-            kwargs["stream"] = True
-            return sse(srv.stream(request, lambda: llm.create_chat_completion(**kwargs)))
-        out = await srv.run(lambda: llm.create_chat_completion(**kwargs))
-        srv._count(out)
-        return out | {"model": srv.alias}
+        return await srv.respond(request, body.stream, llm.create_chat_completion, kwargs, sse)
 
     @app.post("/completion")
     async def native_completion(request: Request) -> Any:

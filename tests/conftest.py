@@ -145,6 +145,19 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 8-expert Mixtral (hidden 256, experts of 512, 4 layers) as a swap-ready Q8_0 GGUF."""
+    from swapmoe_gguf.converters import convert
+    from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = root / "m.gguf"
+    convert(write_tiny_mixtral(root / "hf", hidden=256, ffn=512, layers=4, experts=8, heads=8, kv_heads=4), out,
+            "q8_0", progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def stories_moe() -> Path:
     assert STORIES_MOE.is_file(), f"missing {STORIES_MOE} (the repository expects ../shared beside it)"
     return STORIES_MOE

@@ -7,17 +7,11 @@ import pexpect
 import pytest
 
 from conftest import run_cli
-from swapmoe_gguf.converters import convert
-from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("chat")
-    out = root / "m.gguf"
-    convert(write_tiny_mixtral(root / "hf", hidden=256, ffn=512, layers=4, experts=8, heads=8, kv_heads=4), out,
-            "q8_0", progress=False)
-    return str(out)
+def model(tiny_gguf) -> str:
+    return tiny_gguf
 
 
 def test_one_shot_prompt_prints_answer_and_status(model):

@@ -15,8 +15,6 @@ import pytest
 from conftest import http
 
 from conftest import run_cli
-from swapmoe_gguf.converters import convert
-from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
 
 
 def _free_port() -> int:
@@ -26,12 +24,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("srv")
-    out = root / "m.gguf"
-    convert(write_tiny_mixtral(root / "hf", hidden=256, ffn=512, layers=4, experts=8, heads=8, kv_heads=4), out,
-            "q8_0", progress=False)
-    return str(out)
+def model(tiny_gguf) -> str:
+    return tiny_gguf
 
 
 class Running:
