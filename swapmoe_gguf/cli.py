@@ -100,6 +100,25 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(a: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .demo import default_model
+    from .evaluate import render, run_eval
+
+    try:
+        text = Path(a.text).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise SwapMoEError(f"{a.text}: cannot read: {e.strerror or e}") from None
+    policies = a.policy or ["swapmoe", "static"]
+    res = run_eval(a.model or str(default_model()), text, policies=policies, experts_per_layer=a.experts_per_layer,
+                   memory_budget=a.memory_budget, ctx=a.ctx_size, chunks=a.chunks,
+                   threads=a.threads or max(1, (os.cpu_count() or 2) // 2))
+    print(render(res))
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -158,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body", type=int, default=8 << 20, help="largest request body in bytes")
     sv.add_argument("--cors", action="append", default=None, metavar="ORIGIN", help="allow this CORS origin")
     sv.set_defaults(func=_cmd_serve)
+
+    ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the full model")
+    ev.add_argument("-m", "--model", default=None, help="swap-ready .gguf (default: the embedded default model)")
+    ev.add_argument("--text", required=True, help="plain-text file to evaluate on")
+    ev.add_argument("--policy", action="append", choices=("swapmoe", "static", "exact", "full"),
+                    help="policy to evaluate (repeatable; default swapmoe and static); full is the reference")
+    ev.add_argument("--memory-budget", default=None)
+    ev.add_argument("--experts-per-layer", type=int, default=None)
+    ev.add_argument("-c", "--ctx-size", type=int, default=256, help="tokens per chunk (one request)")
+    ev.add_argument("--chunks", type=int, default=16)
+    ev.add_argument("-t", "--threads", type=int, default=0)
+    ev.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("demo", help="build a tiny MoE checkpoint, convert, inspect and run it")
     d.add_argument("--dir", default=None, help="work directory (default: user cache)")

@@ -159,7 +159,7 @@ def calibrate(rt: "SwapMoELlama", tokens: list[int]) -> dict[int, list[int]]:
     saved, enabled = rt.policy, rt.tap.enabled
     rt.policy, rt.tap.enabled = _Collector(sched), True
     try:
-        chunk = max(1, rt.n_ctx() - 1)
+        chunk = max(1, min(rt.n_ctx(), len(rt.input_ids)) - 1)
         for i in range(0, len(tokens), chunk):
             rt.reset()
             rt.eval(tokens[i:i + chunk])
