@@ -86,6 +86,8 @@ def _cmd_chat(a: argparse.Namespace) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn  # noqa: F401  (imported before the model: part of the measured baseline)
+
     from .server import ServerSettings, serve
     from .settings import model_settings, sampling_settings
 

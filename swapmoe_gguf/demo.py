@@ -1,57 +1,80 @@
-"""`swapmoe demo`: the main job on an embedded default, end to end, with nothing downloaded.
+"""`swapmoe demo`: the main job on the embedded default model, end to end, nothing downloaded.
 
-Until the trained default model ships (issue: embedded default model), the demo builds a small
-random Mixtral checkpoint with numpy, converts it to a swap-ready Q8_0 GGUF, inspects it and
-runs it on the Virtual Experts runtime with 3 of its 8 experts per layer resident. Random
-weights: the generated text is noise.
+The shipped checkpoint (`data/shakespeare-moe`, a 16-expert Mixtral-architecture model trained
+on Shakespeare by bench/train_default_moe.py) is converted once into the user cache; then a
+passage is generated under a memory budget that leaves about a third of the experts resident,
+with `swapmoe` and with `static` (the pruned model) side by side, and the held-out perplexity
+of both is measured against the full model.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from importlib import resources
 from pathlib import Path
 
+from .budget import Budget, estimate, fmt
 from .inspect import render, summary
 from .paths import cache_dir
 
+PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
+
+
+def shipped_checkpoint() -> Path:
+    return Path(str(resources.files("swapmoe_gguf") / "data" / "shakespeare-moe"))
+
 
 def default_model(directory: Path | None = None, force: bool = False) -> Path:
-    """The embedded default model as a swap-ready GGUF, built and converted once into the cache."""
+    """The embedded default model as a swap-ready F16 GGUF, converted once into the cache."""
     from .converters import convert
-    from .converters.tiny_checkpoint import write_tiny_mixtral
 
-    root = directory or cache_dir() / "demo"
-    ckpt, gguf = root / "tiny-mixtral-hf", root / "tiny-mixtral-q8_0.gguf"
-    if force or not (ckpt / "config.json").is_file():
-        print(f"building a random 8-expert Mixtral checkpoint in {ckpt}")
-        # 256 x 512 experts: Q8_0 slices of exactly 34 pages, so every slice is page-aligned.
-        write_tiny_mixtral(ckpt, hidden=256, ffn=512, layers=4, experts=8, top_k=2, heads=8, kv_heads=4)
+    ckpt = shipped_checkpoint()
+    digest = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()[:12]
+    gguf = (directory or cache_dir() / "default") / f"shakespeare-moe-{digest}-f16.gguf"
     if force or not gguf.is_file():
-        r = convert(ckpt, gguf, "q8_0", force=True)
-        print(f"converted to {gguf} in {r.seconds:.1f} s")
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        print(f"converting the embedded default model to {gguf}")
+        # F16: its 192 x 192 experts are 18 pages each, so every expert slice is page-aligned.
+        convert(ckpt, gguf, "f16", force=True)
     return gguf
 
 
 def run_demo(directory: str | None, force: bool = False) -> int:
+    from .evaluate import render as render_eval
+    from .evaluate import run_eval
     from .gguf_info import read_gguf
-
-    gguf = default_model(Path(directory) if directory else None, force)
-    print(render(summary(read_gguf(gguf))))
-
-    from .budget import fmt
     from .runtime import SwapMoELlama
 
-    rt = SwapMoELlama(str(gguf), experts_per_layer=3, n_ctx=256, n_threads=min(4, os.cpu_count() or 1), seed=1)
-    t0 = time.perf_counter()
-    out = rt.create_completion("the expert", max_tokens=48, temperature=0.0)
-    dt = time.perf_counter() - t0
-    t = rt.telemetry()
-    n = out["usage"]["completion_tokens"]
-    print(f"\nSwapMoE runtime: {t.slots} of {rt.vmodel.n_expert} experts resident per layer "
-          f"(slot map {dict(t.resident)})")
-    print(f"generated {n} tokens in {dt:.2f} s ({n / dt:.0f} tok/s); router hit rate "
-          f"{t.hit_rate:.1%} (share of the full router's top-2 mass on resident experts)")
-    print(f"peak RSS {fmt(t.peak_rss_bytes)}; planned {fmt(rt.memory.total())} = {rt.memory.parts()}")
-    print("weights are random, so the text is noise; the trained default model comes with the eval issue")
-    rt.close()
+    gguf = default_model(Path(directory) if directory else None, force)
+    info = read_gguf(gguf)
+    print(render(summary(info)))
+    n = info.n_expert
+    slots = max(info.params.n_expert_used, round(n / 3))
+    threads = min(4, os.cpu_count() or 1)
+    kw = dict(n_ctx=512, n_threads=threads, n_threads_batch=threads, seed=1)
+    mem = estimate(info, n_ctx=512, n_batch=512)
+    budget = Budget(nbytes=mem.total(slots) + mem.per_slot // 2)  # half a slot of slack for allocator noise
+    print(f"\nmemory budget {fmt(budget.nbytes or 0)}: room for about a third of the experts "
+          f"({slots} of {n} per layer)\n")
+    for policy in ("swapmoe", "static"):
+        llm = SwapMoELlama(str(gguf), memory_budget=budget, policy=policy, **kw)
+        try:
+            t0 = time.perf_counter()
+            out = llm.create_completion(PROMPT, max_tokens=80, temperature=0.7, top_p=0.95, seed=1)
+            dt = time.perf_counter() - t0
+            t = llm.telemetry()
+            print(f"--- {policy}: {t.slots} of {n} experts resident per layer ---")
+            print(PROMPT + out["choices"][0]["text"].rstrip())
+            hit = f"{t.hit_rate:.1%}" if t.hit_rate is not None else "- (no router scoring)"
+            print(f"[{out['usage']['completion_tokens']} tokens in {dt:.2f} s, "
+                  f"{t.decode_tokens / max(t.decode_seconds, 1e-9):.0f} tok/s decoding; hit rate {hit}; "
+                  f"swaps {t.swaps}; peak RSS {fmt(t.peak_rss_bytes)} of {fmt(t.budget_bytes or 0)}]\n")
+        finally:
+            llm.close()
+    held = (shipped_checkpoint() / "heldout-macbeth.txt").read_text(encoding="utf-8")
+    print("held-out perplexity (Macbeth, never trained on; each 256-token chunk is a request: first half "
+          "prompt, second half decoded step by step and scored):")
+    print(render_eval(run_eval(str(gguf), held, policies=["swapmoe", "static"], experts_per_layer=slots,
+                               memory_budget=None, ctx=256, chunks=6, threads=threads)))
     return 0

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import llama_cpp
 import numpy as np
@@ -44,6 +44,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _CONSTRUCT_LOCK = threading.Lock()
+
+
+def _glibc_release_large_blocks() -> Callable[[], None]:
+    """Make freed model memory go back to the OS (glibc): with its default, the threshold above which
+    malloc uses mmap grows after each large free, so a rebuilt model's old buffers stay in the heap
+    and RSS creeps past the budget. Fixing the threshold at 1 MiB keeps large blocks mmap'ed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+
+
+_trim = _glibc_release_large_blocks()
 
 
 class ResidencyPolicy(Protocol):
@@ -293,6 +311,7 @@ class SwapMoELlama(Llama):
         staging = vm.store.staging_buffers
         self._ctx.close()
         vm.close()
+        _trim()
         self.vmodel = VirtualExpertModel(path, new.slots, initial=initial, n_gpu_layers=ngl, staging_buffers=staging)
         self._model.model = self.vmodel.model
         self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)

@@ -420,7 +420,12 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
         body: BudgetRequest = await parse(request, BudgetRequest)
         if body.memory_budget is None and body.experts_per_layer is None:
             raise APIError(400, "give memory_budget and/or experts_per_layer", code="invalid_value")
-        slots = await srv.run(lambda: llm.set_budget(body.memory_budget, body.experts_per_layer))
+        from .budget import Budget
+
+        # only experts_per_layer given: the current budget still holds
+        budget = body.memory_budget if body.memory_budget is not None else (
+            Budget(nbytes=llm.budget_bytes) if llm.budget_bytes else None)
+        slots = await srv.run(lambda: llm.set_budget(budget, body.experts_per_layer))
         t = llm.telemetry()
         return {"experts_per_layer": slots, "n_expert": llm.vmodel.n_expert, "policy": llm.policy_name,
                 "budget_bytes": t.budget_bytes, "budget": fmt(t.budget_bytes) if t.budget_bytes else None}

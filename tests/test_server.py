@@ -54,7 +54,8 @@ class Running:
 @pytest.fixture(scope="module")
 def server(model):
     # static residency: answers are a function of the request alone, so they can be compared
-    s = Running(model, "--experts-per-layer", "3", "--policy", "static", "-np", "4", "-a", "tiny")
+    s = Running(model, "--memory-budget", "95%", "--experts-per-layer", "3", "--policy", "static", "-np", "4",
+                "-a", "tiny")
     yield s
     s.stop()
 
@@ -211,10 +212,18 @@ def test_sixteen_concurrent_requests(server):
             assert text == solo[p]  # answers not mixed up between requests
 
 
+def test_memory_stays_within_budget(server):
+    m = {l.split()[0]: float(l.split()[1]) for l in http("GET", server.url + "/metrics").text.splitlines()
+         if l and not l.startswith("#")}
+    assert m["swapmoe_budget_bytes"] > 0
+    assert m["swapmoe_peak_resident_bytes"] <= m["swapmoe_budget_bytes"]
+
+
 def test_server_greedy_equals_chat_cli(server, model):
     r = _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "tell me"}],
                                                 max_tokens=10, temperature=0)
-    cli = run_cli("chat", "-m", model, "--experts-per-layer", "3", "--policy", "static", "-c", "512", "-t", "1",
+    cli = run_cli("chat", "-m", model, "--memory-budget", "95%", "--experts-per-layer", "3", "--policy", "static",
+                  "-c", "512", "-t", "1",
                   "-p", "tell me",
                   "-n", "10", "--temp", "0")
     assert cli.returncode == 0, cli.stderr
