@@ -348,7 +348,7 @@ class SwapMoELlama(Llama):
         st, t = self.vmodel.store.stats, self.telemetry_
         return TelemetrySnapshot(
             resident={l: tuple(v) for l, v in self.vmodel.slot_map.items()}, slots=self.vmodel.slots,
-            swaps=t.swaps, swap_failures=t.swap_failures + 0, bytes_read=st.bytes_read, read_seconds=st.read_seconds,
+            swaps=t.swaps, swap_failures=t.swap_failures, bytes_read=st.bytes_read, read_seconds=st.read_seconds,
             io_blocked_seconds=t.io_blocked_seconds, tokens=t.tokens, decode_tokens=t.decode_tokens,
             decode_seconds=t.decode_seconds, prefill_tokens=t.prefill_tokens, prefill_seconds=t.prefill_seconds,
             hit_rate=1.0 if self.vmodel.slots == self.vmodel.n_expert else t.hit_rate,
