@@ -15,6 +15,7 @@ two constructors it calls are replaced (under a lock) by ones that hand over our
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from importlib import resources
 import threading
@@ -149,6 +150,8 @@ class SwapMoELlama(Llama):
             raise SwapMoEError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         info = read_gguf(model_path)
         n_expert = info.n_expert
+        gc.collect()  # the baseline below is measured: release what earlier models left behind first
+        _trim()
         budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
         if policy == "full":
             experts_per_layer = n_expert
