@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -34,7 +35,7 @@ def default_model(directory: Path | None = None, force: bool = False) -> Path:
     gguf = (directory or cache_dir() / "default") / f"shakespeare-moe-{digest}-f16.gguf"
     if force or not gguf.is_file():
         gguf.parent.mkdir(parents=True, exist_ok=True)
-        print(f"converting the embedded default model to {gguf}")
+        print(f"converting the embedded default model to {gguf}", file=sys.stderr)
         # F16: its 192 x 192 experts are 18 pages each, so every expert slice is page-aligned.
         convert(ckpt, gguf, "f16", force=True)
     return gguf
