@@ -57,7 +57,7 @@ def main() -> None:
                                  dtype=np.dtype(np.uint16), std=0.02)
         model = str(work / "m.gguf")
         convert(src, model, "q8_0", progress=False)
-    kw = dict(n_ctx=512, n_batch=512, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+    kw = dict(n_ctx=512, n_batch=512, n_threads=a.threads, n_threads_batch=a.threads, verbose=False, flash_attn=True)
     # All experts resident: the runtime runs the `full` policy (no router tap). The second copy
     # switches the tap on, as the `swapmoe` policy would, to show what scoring costs.
     runs = {"plain": llama_cpp.Llama(model, **kw), "swapmoe": SwapMoELlama(model, **kw),
