@@ -85,6 +85,9 @@ class VirtualExpertModel:
                 self.rows[t.name] = raw
                 if t.name.endswith("ffn_gate_inp.weight"):
                     self.router[t.block] = dequantize(raw, t.qtype, t.shape)  # type: ignore[index]
+        self.rows_by_layer: dict[int, list[str]] = {}
+        for name in self.rows:
+            self.rows_by_layer.setdefault(self._by_name[name].block, []).append(name)  # type: ignore[arg-type]
         self.handles: dict[str, int] = {}
         self._fill_error: BaseException | None = None
         self._neutral = NEUTRAL_TENSORS.get(info.arch, NEUTRAL_TENSORS["default"])
@@ -180,9 +183,9 @@ class VirtualExpertModel:
         g, layer, e = ggml(), staged.layer, staged.expert
         for name, view in staged.parts.items():
             g.set(self.handles[name], view, slot * view.nbytes)
-        for name, rows in self.rows.items():
-            if self._by_name[name].block == layer:
-                g.set(self.handles[name], rows[e], slot * rows.shape[1])
+        for name in self.rows_by_layer.get(layer, ()):
+            rows = self.rows[name]
+            g.set(self.handles[name], rows[e], slot * rows.shape[1])
         i = self.moe_layers.index(layer)
         self.resident_mask[i, self.slot_map[layer][slot]] = False
         self.resident_mask[i, e] = True
