@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFValueType
 
 from ..constants import PAGE_ALIGNMENT, SwapKeys
 from ..errors import LayoutError, NotMoEError
@@ -34,25 +34,25 @@ def _pread(fd: int, offset: int, n: int) -> np.ndarray:
     return buf
 
 
-def _copy_kv(reader: GGUFReader, w: SwapReadyWriter) -> None:
-    for key, fld in reader.fields.items():
+def _copy_kv(info: GGUFInfo, w: SwapReadyWriter) -> None:
+    for key, fld in info.reader.fields.items():
         if key.startswith("GGUF.") or key in _DROP:
             continue
         vtype = fld.types[0]
+        value = info.get(key)  # decoded, or a GGUFFormatError naming the key
         if vtype == GGUFValueType.ARRAY:
             sub = fld.types[-1] if len(fld.types) > 1 else GGUFValueType.INT32
-            w.gw.add_key_value(key, fld.contents(), vtype, sub)
+            w.gw.add_key_value(key, value, vtype, sub)
         else:
-            w.gw.add_key_value(key, fld.contents(), vtype)
+            w.gw.add_key_value(key, value, vtype)
 
 
 def relayout(src: Path, dst: Path, info: GGUFInfo, progress: bool | None) -> bool:
     """Write `src` with the swap-ready layout to `dst`; returns whether expert slices are page-aligned."""
     if info.n_expert < 2:
         raise NotMoEError(f"{src}: {info.arch} model without routed experts (expert_count={info.n_expert}); nothing to swap")
-    reader = info.reader
     w = SwapReadyWriter(dst, info.arch, PAGE_ALIGNMENT)
-    _copy_kv(reader, w)
+    _copy_kv(info, w)
     fd = os.open(src, os.O_RDONLY)
     try:
         moe = info.moe_layers
@@ -75,8 +75,8 @@ def relayout(src: Path, dst: Path, info: GGUFInfo, progress: bool | None) -> boo
 
             w.add(PlannedTensor(t.name, t.shape, t.qtype, t.nbytes, produce, n_expert=n_expert))
         aligned = add_layout_keys(w)
-        add_expert_keys(w, moe_layers_of(w.tensors), info.n_expert, reader.fields[SwapKeys.SOURCE].contents()
-                        if SwapKeys.SOURCE in reader.fields else "gguf", info.expert_norms)
+        add_expert_keys(w, moe_layers_of(w.tensors), info.n_expert, str(info.get(SwapKeys.SOURCE, "gguf")),
+                        info.expert_norms)
         w.write(progress)
         if not reuse:
             w.patch(SwapKeys.EXPERT_NORMS, norms.values())

@@ -109,7 +109,12 @@ class GGUFInfo:
     # typed accessors -----------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
         f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise GGUFFormatError(f"{self.path}: corrupt value of metadata key {key} ({e})") from None
 
     def str(self, key: str) -> str:
         v = self.get(key)
@@ -217,6 +222,76 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
     return out.reshape(shape).astype(np.float32, copy=False)
 
 
+# GGUF value types: fixed sizes of the scalar ones (8 = string, 9 = array)
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def prescan(path: Path) -> None:
+    """Walk the header with every count and length checked against the file size, before
+    gguf-py's reader trusts them (a hostile count would otherwise make it allocate or loop)."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(min(size, 64 << 20))  # metadata of real models is a few MB at most
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if n < 0 or pos + n > len(head):
+            raise GGUFFormatError(f"{path}: truncated or corrupt GGUF header (needs {n} bytes at offset {pos}, "
+                                  f"{len(head) - pos} left)")
+        out = head[pos:pos + n]
+        pos += n
+        return out
+
+    def u32() -> int:
+        return struct.unpack("<I", take(4))[0]
+
+    def u64() -> int:
+        return struct.unpack("<Q", take(8))[0]
+
+    def string() -> None:
+        take(u64())
+
+    take(4)
+    version = u32()
+    if version not in (2, 3):
+        raise GGUFFormatError(f"{path}: GGUF version {version}, expected 2 or 3")
+    n_tensors, n_kv = u64(), u64()
+    if n_tensors > size // 24 or n_kv > size // 12:
+        raise GGUFFormatError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys in {size} bytes)")
+    for _ in range(n_kv):
+        string()
+        vtype = u32()
+        if vtype in _SCALAR:
+            take(_SCALAR[vtype])
+        elif vtype == 8:
+            string()
+        elif vtype == 9:
+            itype, count = u32(), u64()
+            if itype in _SCALAR:
+                take(_SCALAR[itype] * count)
+            elif itype == 8:
+                if count > (len(head) - pos) // 8:
+                    raise GGUFFormatError(f"{path}: corrupt GGUF header (array of {count} strings)")
+                for _ in range(count):
+                    string()
+            else:
+                raise GGUFFormatError(f"{path}: corrupt GGUF header (array of value type {itype})")
+        else:
+            raise GGUFFormatError(f"{path}: corrupt GGUF header (value type {vtype})")
+    for _ in range(n_tensors):
+        string()
+        n_dims = u32()
+        if not 1 <= n_dims <= 4:
+            raise GGUFFormatError(f"{path}: corrupt GGUF tensor info ({n_dims} dimensions)")
+        dims = [u64() for _ in range(n_dims)]
+        if any(d == 0 or d > size for d in dims):
+            raise GGUFFormatError(f"{path}: corrupt GGUF tensor info (dimensions {dims})")
+        take(4 + 8)
+
+
 def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
     p = Path(path)
     if p.is_dir():
@@ -230,6 +305,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
         raise GGUFFormatError(f"{p}: cannot read: {e.strerror or e}") from None
     if magic != b"GGUF":
         raise GGUFFormatError(f"{p}: not a GGUF file (magic {magic!r})")
+    prescan(p)
     try:
         reader = GGUFReader(p)
     except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
