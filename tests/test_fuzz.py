@@ -85,3 +85,16 @@ def test_hostile_headers_fail_fast(tmp_path, blob):
     with pytest.raises(SwapMoEError):
         read_gguf(p)
     assert time.monotonic() - t0 < 1
+
+
+def test_corpus_of_past_crashers():
+    """Files the fuzzer once made misbehave (hang: a hostile count the reader trusted)."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent / "fuzz_corpus").glob("*.gguf"))
+    assert files
+    for f in files:
+        t0 = time.monotonic()
+        with pytest.raises(SwapMoEError):
+            summary(read_gguf(f))
+        assert time.monotonic() - t0 < 1, f

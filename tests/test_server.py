@@ -228,3 +228,46 @@ def test_server_greedy_equals_chat_cli(server, model):
                   "-n", "10", "--temp", "0")
     assert cli.returncode == 0, cli.stderr
     assert _ascii(cli.stdout) == _ascii(r.choices[0].message.content) + "\n"
+
+
+def test_faults_while_serving(tiny_gguf, tmp_path):
+    """Expert reads failing under a live server (file truncated), and a budget change during a
+    generation: the server keeps answering, telemetry counts the failures, memory stays in budget."""
+    import shutil
+    import threading
+
+    from swapmoe_gguf.gguf_info import read_gguf
+
+    victim = tmp_path / "victim.gguf"
+    shutil.copy(tiny_gguf, victim)
+    s = Running(str(victim), "--memory-budget", "95%", "--experts-per-layer", "3", "-np", "4")
+    try:
+        def metrics() -> dict[str, float]:
+            return {l.split()[0]: float(l.split()[1]) for l in http("GET", s.url + "/metrics").text.splitlines()
+                    if l and not l.startswith("#")}
+
+        results: dict[str, int] = {}
+
+        def long_stream() -> None:
+            r = http("POST", s.url + "/v1/completions", json={"prompt": "the", "max_tokens": 200, "stream": True,
+                                                               "logit_bias": {"265": -100}}, timeout=120)
+            results["stream"] = r.status
+
+        t = threading.Thread(target=long_stream)
+        t.start()
+        time.sleep(0.3)
+        b = http("POST", s.url + "/swapmoe/budget", json={"experts_per_layer": 4}, timeout=120)  # waits its turn
+        t.join()
+        assert results["stream"] == 200 and b.status == 200 and b.json()["experts_per_layer"] == 4
+        info = read_gguf(victim)
+        os.truncate(victim, min(t.offset for t in info.layer_expert_tensors(1)))  # layers 1+ unreadable
+        for i in range(12):
+            r = http("POST", s.url + "/v1/completions", json={"prompt": f"line {i} of the play", "max_tokens": 16},
+                     timeout=60)
+            assert r.status == 200
+        m = metrics()
+        assert m["swapmoe_swap_failures_total"] > 0
+        assert m["swapmoe_peak_resident_bytes"] <= m["swapmoe_budget_bytes"]
+        assert http("GET", s.url + "/health").status == 200
+    finally:
+        s.stop()
