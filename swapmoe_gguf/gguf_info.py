@@ -227,23 +227,28 @@ _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
 def prescan(path: Path) -> None:
+    with open(path, "rb", buffering=1 << 16) as f:
+        _prescan(path, f)
+
+
+def _prescan(path: Path, f: Any) -> None:
     """Walk the header with every count and length checked against the file size, before
     gguf-py's reader trusts them (a hostile count would otherwise make it allocate or loop)."""
     import struct
 
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(min(size, 64 << 20))  # metadata of real models is a few MB at most
+    size = path.stat().st_size  # read as we go: the header is small, the file may not be
     pos = 0
 
     def take(n: int) -> bytes:
         nonlocal pos
-        if n < 0 or pos + n > len(head):
+        if n < 0 or pos + n > size:
             raise GGUFFormatError(f"{path}: truncated or corrupt GGUF header (needs {n} bytes at offset {pos}, "
-                                  f"{len(head) - pos} left)")
-        out = head[pos:pos + n]
+                                  f"{size - pos} left)")
         pos += n
-        return out
+        if n <= 64:
+            return f.read(n)
+        f.seek(n, 1)  # long strings and arrays are skipped, not read
+        return b""
 
     def u32() -> int:
         return struct.unpack("<I", take(4))[0]
@@ -273,7 +278,7 @@ def prescan(path: Path) -> None:
             if itype in _SCALAR:
                 take(_SCALAR[itype] * count)
             elif itype == 8:
-                if count > (len(head) - pos) // 8:
+                if count > (size - pos) // 8:
                     raise GGUFFormatError(f"{path}: corrupt GGUF header (array of {count} strings)")
                 for _ in range(count):
                     string()
