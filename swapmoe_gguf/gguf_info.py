@@ -195,6 +195,41 @@ class GGUFInfo:
                 f"of the {PAGE_ALIGNMENT}-byte page: stacked tensors are contiguous, so only tensor starts are "
                 "page-aligned (swapping still works; neighbouring slices share a boundary page)")
 
+    def check_loadable(self) -> None:
+        """Checks llama.cpp would otherwise answer with an abort (GGML_ASSERT) instead of an error."""
+        tokens = self.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise GGUFFormatError(f"{self.path}: no tokenizer.ggml.tokens")
+        a = self.arch
+        n_layer = self.int(f"{a}.block_count")
+        if not 0 < n_layer <= 512:  # LLAMA_MAX_LAYERS
+            raise GGUFFormatError(f"{self.path}: {a}.block_count is {n_layer}, expected 1..512")
+        required = ["embedding_length", "attention.head_count", "context_length"]
+        if self.get(f"{a}.expert_feed_forward_length") is None:
+            required.append("feed_forward_length")
+        for key in required:
+            if self.get(f"{a}.{key}") is None:
+                raise GGUFFormatError(f"{self.path}: missing metadata key {a}.{key}")
+        for key in ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
+                    "attention.key_length", "attention.value_length", "rope.dimension_count",
+                    "expert_feed_forward_length", "expert_shared_feed_forward_length", "context_length"):
+            v = self.get(f"{a}.{key}")
+            vals = v if isinstance(v, list) else [v]
+            if v is not None and not all(isinstance(x, int) and 0 < x < 1 << 24 for x in vals):
+                raise GGUFFormatError(f"{self.path}: {a}.{key} is {v!r}, expected a positive size")
+        if not 0 < self.params.n_expert_used <= self.n_expert:
+            raise GGUFFormatError(f"{self.path}: {a}.expert_used_count {self.params.n_expert_used} for "
+                                  f"{self.n_expert} experts")
+        # llama.cpp reads token texts as C strings: a NUL ends them
+        tokens = [t.split("\x00", 1)[0] for t in tokens]
+        if len(set(tokens)) != len(tokens):
+            raise GGUFFormatError(f"{self.path}: the vocabulary repeats a token ({len(tokens) - len(set(tokens))} "
+                                  "duplicates); llama.cpp cannot load it")
+        for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            n = self._array_len(key)
+            if n and n != len(tokens):
+                raise GGUFFormatError(f"{self.path}: {key} has {n} entries for {len(tokens)} tokens")
+
     def layout_problem(self) -> str | None:
         """Why this file is not swap-ready, or None."""
         if self.n_expert < 2 or not self.expert_tensors:

@@ -60,6 +60,7 @@ class VirtualExpertModel:
         if problem:
             raise LayoutError(f"{info.path}: not a swap-ready GGUF ({problem}); "
                               f"run `swapmoe convert {info.path} -o NEW.gguf` first")
+        info.check_loadable()
         k, n = info.params.n_expert_used, info.n_expert
         if not k <= slots <= n:
             raise SwapMoEError(f"experts per layer must be between top-k={k} and n_expert={n}, got {slots}")
