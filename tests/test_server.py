@@ -271,3 +271,16 @@ def test_faults_while_serving(tiny_gguf, tmp_path):
         assert http("GET", s.url + "/health").status == 200
     finally:
         s.stop()
+
+
+def test_soak_short(tiny_gguf, tmp_path):
+    """bench/soak.py in a short bounded mode: no request fails, memory stays within the budget."""
+    from conftest import REPO
+
+    out = tmp_path / "soak.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--model", tiny_gguf, "--seconds", "6",
+                        "--clients", "6", "--experts-per-layer", "3", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-1000:]
+    res = json.loads(out.read_text())
+    assert res["failed"] == 0 and res["served"] > 10 and res["peak_rss_MiB"] <= res["budget_MiB"]
