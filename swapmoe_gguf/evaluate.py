@@ -9,7 +9,6 @@ next-token distributions, averaged over scored positions.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -78,7 +77,6 @@ def evaluate(llm: Any, chunks: list[list[int]],
     """Score `chunks` with `llm`; against `reference` log-probabilities when given. Returns the
     result and this model's log-probabilities (the reference for others)."""
     before = llm.telemetry()
-    t0 = time.perf_counter()
     nll, logps = score(llm, chunks)
     after = llm.telemetry()
     kl = agree = None

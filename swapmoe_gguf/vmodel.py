@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import LayoutError, SwapMoEError
 from .expert_store import ExpertStore, StagedExpert
-from .gguf_info import GGUFInfo, TensorEntry, dequantize, read_gguf
+from .gguf_info import TensorEntry, dequantize, read_gguf
 from .ggml import GGML_TYPE_F32, ggml
 
 log = logging.getLogger(__name__)
