@@ -58,6 +58,7 @@ class SwapMoEPolicy:
 
     def __init__(self, scheduler: ImportanceScheduler):
         self.scheduler = scheduler
+        self._seen_tokens = 0
 
     def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None:
         n_tok = 0
@@ -65,8 +66,11 @@ class SwapMoEPolicy:
             x_norm, probs = batch.layer(layer)
             self.scheduler.observe(layer, x_norm, probs)
             n_tok = max(n_tok, probs.shape[0])
+        # Count every decoded token, also those of steps that scored no layer (observe_every > 1).
+        new_tokens = rt.telemetry_.tokens - self._seen_tokens
+        self._seen_tokens = rt.telemetry_.tokens
         # An update every F tokens, and right after a prompt's prefill (several tokens at once).
-        if self.scheduler.tick(n_tok) or n_tok > 1:
+        if self.scheduler.tick(new_tokens) or n_tok > 1:
             busy = {(l, s) for l, s, _, _ in rt.pending}
             coming = {(l, e) for l, _, e, _ in rt.pending}
             for sw in self.scheduler.propose(rt.vmodel.slot_map, busy):
