@@ -284,3 +284,25 @@ def test_soak_short(tiny_gguf, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr[-1000:]
     res = json.loads(out.read_text())
     assert res["failed"] == 0 and res["served"] > 10 and res["peak_rss_MiB"] <= res["budget_MiB"]
+
+
+def test_defaults_are_safe():
+    """Loopback only unless told otherwise; no API route takes a file path from the client."""
+    from swapmoe_gguf.cli import build_parser
+    from swapmoe_gguf.server import ServerSettings, create_app
+
+    a = build_parser().parse_args(["serve"])
+    assert a.host == "127.0.0.1" and a.api_key is None and a.cors is None
+    assert ServerSettings().host == "127.0.0.1"
+
+    class _Fake:  # enough of a model for building the app (routes only)
+        class vmodel:  # noqa: N801
+            class info:  # noqa: N801
+                from pathlib import Path as _P
+                path = _P("x.gguf")
+
+    app = create_app(_Fake())
+    paths = sorted(r.path for r in app.routes if hasattr(r, "methods"))
+    assert paths == ["/completion", "/detokenize", "/health", "/metrics", "/props", "/swapmoe/budget",
+                     "/tokenize", "/v1/chat/completions", "/v1/completions", "/v1/models"]
+    assert not any("{" in p for p in paths)  # no path parameters at all
