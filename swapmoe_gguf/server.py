@@ -74,11 +74,16 @@ class Gate:
         self.queue = queue
         self.served = self.refused = 0
 
-    async def enter(self, retry_after: int) -> None:
+    def check(self, retry_after: int) -> None:
+        """Refuse now if the queue is full. Streams check before their 200 headers go out (their
+        generator enters the gate only once the response is streaming)."""
         if self.lock.locked() and self.waiting >= self.queue:
             self.refused += 1
             raise APIError(503, "server busy: too many requests waiting for the model", "server_error",
                            "queue_full", {"Retry-After": str(retry_after)})
+
+    async def enter(self, retry_after: int) -> None:
+        self.check(retry_after)
         self.waiting += 1
         try:
             await self.lock.acquire()
@@ -202,6 +207,7 @@ class Server:
     async def respond(self, request: Request, stream: bool, make: Callable[..., Any], kwargs: dict[str, Any],
                       sse: Callable[..., Any]) -> Any:
         if stream:
+            self.gate.check(self.s.retry_after_s)
             return sse(self.stream(request, lambda: make(**kwargs, stream=True)))
         out = await self.run(lambda: make(**kwargs))
         self._count(out)
@@ -358,6 +364,7 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
                    "timings": timings, "generation_settings": kw | {"prompt": None}}
 
         if body.stream:
+            srv.gate.check(s.retry_after_s)
             return sse(srv.stream(request, gen), final=None)
         return await srv.run(lambda: list(gen())[-1])
 
