@@ -82,8 +82,11 @@ class Gate:
             raise APIError(503, "server busy: too many requests waiting for the model", "server_error",
                            "queue_full", {"Retry-After": str(retry_after)})
 
-    async def enter(self, retry_after: int) -> None:
-        self.check(retry_after)
+    async def enter(self, retry_after: int, admitted: bool = False) -> None:
+        """Wait for the model. `admitted`: the request already passed `check` and answered 200 (a
+        stream), so it waits even if the queue filled up meanwhile."""
+        if not admitted:
+            self.check(retry_after)
         self.waiting += 1
         try:
             await self.lock.acquire()
@@ -145,7 +148,7 @@ class Server:
     async def stream(self, request: Request, make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
         """Items of a blocking generator, produced on the model thread under the gate. A client that
         goes away stops the generator between two tokens."""
-        await self.gate.enter(self.s.retry_after_s)
+        await self.gate.enter(self.s.retry_after_s, admitted=True)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
