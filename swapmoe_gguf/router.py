@@ -77,7 +77,7 @@ class InGraphHook(Protocol):
 
 
 class RouterTap:
-    def __init__(self, router: dict[int, np.ndarray], in_graph: InGraphHook | None = None):
+    def __init__(self, router: dict[int, np.ndarray], in_graph: InGraphHook | None = None, probs: bool = False):
         import llama_cpp
 
         self.router_t = {l: np.ascontiguousarray(w.T) for l, w in router.items()}  # [n_embd, n_expert]
@@ -85,7 +85,7 @@ class RouterTap:
         # [n_moe_layer, n_embd, n_expert]: one batched matmul scores every layer of a decode step
         self.router_stack = np.stack([self.router_t[l] for l in router]) if router else None
         self.wanted: dict[bytes, tuple[str, int]] = {f"ffn_moe_logits-{l}".encode(): ("logits", l) for l in router}
-        if in_graph is not None:
+        if in_graph is not None or probs:
             self.wanted |= {f"ffn_moe_probs-{l}".encode(): ("probs", l) for l in router}
         self.in_graph = in_graph
         self.enabled = True  # off: nothing is asked for (the static/full policies need no scores)
@@ -93,7 +93,7 @@ class RouterTap:
         self.stride, self.step = 1, 0
         self._seen: list[tuple[int, np.ndarray]] = []   # (layer, x [n_tok, n_embd]) of the current decode
         self.error: BaseException | None = None
-        prefix = b"ffn_moe_" if in_graph is not None else _PREFIX
+        prefix = b"ffn_moe_" if in_graph is not None or probs else _PREFIX
         # Keep every ctypes object alive as long as the context: llama.cpp holds raw pointers.
         self.py_callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)
         fn = _filter_fn()

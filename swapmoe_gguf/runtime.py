@@ -160,10 +160,11 @@ class SwapMoELlama(Llama):
                        logits_all=logits_all, staging_buffers=staging_buffers, flash_attn=flash_attn)
         self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
         self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
+        self.requested_policy = policy  # what a budget change returns to when not everything fits
         if self.memory.slots == n_expert and policy != "full":
             log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
             policy = "full"
-        if policy == "exact":
+        if self.requested_policy == "exact":
             # Lossless needs each micro-batch's top-k experts to fit in the S slots: one token at a time.
             n_batch = n_ubatch = 1
         self.policy_name = policy
@@ -176,7 +177,10 @@ class SwapMoELlama(Llama):
         self.policy = self._make_policy(policy, scheduler)
         self.commits_per_step = (scheduler or SchedulerConfig()).commits_per_step
         # The tap asks for router nodes only while `tap.enabled` (policies that score experts).
-        self.tap = RouterTap(self.vmodel.router, in_graph=self.policy if isinstance(self.policy, ExactPolicy) else None)
+        # the exact policy also needs the probability nodes: decided by what was asked for, so that a
+        # budget change from `full` back to `exact` finds them
+        self.tap = RouterTap(self.vmodel.router, in_graph=self.policy if isinstance(self.policy, ExactPolicy) else None,
+                             probs=self.requested_policy == "exact")
         self.tap.enabled = False
         self.tap.stride = (scheduler or SchedulerConfig()).observe_every if policy == "swapmoe" else 1
         try:
@@ -321,7 +325,7 @@ class SwapMoELlama(Llama):
         self._ctx = _HookedContext(runtime=self, model=self._model, params=self.context_params, verbose=self.verbose)
         self.memory = new
         name = "full" if new.slots == self.vmodel.n_expert else (
-            "swapmoe" if self.policy_name == "full" else self.policy_name)
+            "swapmoe" if self.requested_policy == "full" else self.requested_policy)
         if name != self.policy_name or name == "exact":
             keep = getattr(self.policy, "scheduler", None)
             self.policy = self._make_policy(name, keep.config if keep else None)

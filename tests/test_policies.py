@@ -134,3 +134,17 @@ def test_set_budget_rebuilds_with_new_slot_count(models):
         assert rt.vmodel.slots == 2  # a refused change leaves the model as it was
     finally:
         rt.close()
+
+
+def test_exact_survives_a_budget_round_trip(models):
+    path = str(models["olmoe"])
+    rt = SwapMoELlama(path, policy="exact", memory_budget="100%", **KW)
+    full = SwapMoELlama(path, policy="full", n_batch=1, n_ubatch=1, **KW)
+    try:
+        assert rt.policy_name == "full"
+        assert rt.set_budget(None, experts_per_layer=2) == 2 and rt.policy_name == "exact"
+        assert _greedy(rt, [12, 30, 77, 5]) == _greedy(full, [12, 30, 77, 5])
+        assert rt.telemetry().swaps > 0
+    finally:
+        rt.close()
+        full.close()
