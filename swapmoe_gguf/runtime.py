@@ -173,7 +173,7 @@ class SwapMoELlama(Llama):
         self._proc = psutil.Process()
         self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts,
-                                         n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers)
+                                         n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info)
         self.policy = self._make_policy(policy, scheduler)
         self.commits_per_step = (scheduler or SchedulerConfig()).commits_per_step
         # The tap asks for router nodes only while `tap.enabled` (policies that score experts).

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import LayoutError, SwapMoEError
 from .expert_store import ExpertStore, StagedExpert
-from .gguf_info import TensorEntry, dequantize, read_gguf
+from .gguf_info import GGUFInfo, TensorEntry, dequantize, read_gguf
 from .ggml import GGML_TYPE_F32, ggml
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ class VirtualExpertModel:
     """Owns the llama_model pointer, its slot map and the handles needed to swap."""
 
     def __init__(self, path: str | Path, slots: int, *, initial: dict[int, list[int]] | None = None,
-                 n_gpu_layers: int = 0, staging_buffers: int = 2):
-        self.info = info = read_gguf(path)
+                 n_gpu_layers: int = 0, staging_buffers: int = 2, info: GGUFInfo | None = None):
+        self.info = info = info if info is not None else read_gguf(path)  # reuse the caller's parse
         problem = info.layout_problem()
         if problem:
             raise LayoutError(f"{info.path}: not a swap-ready GGUF ({problem}); "
