@@ -113,7 +113,10 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None =
     # llama-cpp-python's `scores` array. Calibrated against measured peak RSS (README): the graph
     # allocator reuses memory, so the sum of these terms is close to llama.cpp's compute buffer;
     # +15 % and 8 MiB cover allocator slack and Python objects created while serving.
-    scores = 0 if flash_attn else p.n_head * n_ctx  # flash attention never materialises them
+    # Without flash attention the scores are materialised ([n_head, n_ctx] per token); with it,
+    # llama.cpp still keeps per-token work over the context (mask, f16 conversions): 2 floats per
+    # cell covers what we measured at 2k-4k contexts.
+    scores = 2 * n_ctx if flash_attn else p.n_head * n_ctx
     inter = 4 * n_ub * (scores + 3 * p.n_expert_used * p.n_ff_exp + 8 * p.n_embd + p.n_vocab)
     outputs = 4 * p.n_vocab * ((n_ctx if logits_all else n_batch) + n_batch)
     compute = int(1.15 * inter) + outputs + (8 << 20)
