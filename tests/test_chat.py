@@ -51,9 +51,13 @@ def test_no_prompt_on_empty_stdin_is_a_clean_error(model):
     assert r.returncode == 2 and r.stderr.startswith("swapmoe: error: no prompt")
 
 
+def _chat_terminal(model: str, *args: str, timeout: int = 60) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["-m", "swapmoe_gguf", "chat", "-m", model, *args], encoding="utf-8",
+                         timeout=timeout)
+
+
 def test_interactive_session_in_a_terminal(model):
-    child = pexpect.spawn(sys.executable, ["-m", "swapmoe_gguf", "chat", "-m", model, "--experts-per-layer", "3",
-                                           "--temp", "0", "-c", "1024", "-n", "12"], encoding="utf-8", timeout=60)
+    child = _chat_terminal(model, "--experts-per-layer", "3", "--temp", "0", "-c", "1024", "-n", "12")
     try:
         child.expect("> ")
         child.sendline("hello there")
@@ -79,8 +83,7 @@ def test_interactive_session_in_a_terminal(model):
 
 
 def test_ctrl_c_stops_an_answer_not_the_chat(model):
-    child = pexpect.spawn(sys.executable, ["-m", "swapmoe_gguf", "chat", "-m", model, "--temp", "1.0", "-c", "4096",
-                                           "-n", "3500", "-s", "3", "--ignore-eos"], encoding="utf-8", timeout=90)
+    child = _chat_terminal(model, "--temp", "1.0", "-c", "4096", "-n", "3500", "-s", "3", "--ignore-eos", timeout=90)
     try:
         child.expect("> ")
         child.sendline("tell me everything")
