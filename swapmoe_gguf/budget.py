@@ -119,7 +119,10 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None =
     scores = 2 * n_ctx if flash_attn else p.n_head * n_ctx
     inter = 4 * n_ub * (scores + 3 * p.n_expert_used * p.n_ff_exp + 8 * p.n_embd + p.n_vocab)
     outputs = 4 * p.n_vocab * ((n_ctx if logits_all else n_batch) + n_batch)
-    compute = int(1.15 * inter) + outputs + (8 << 20)
+    # The router tap copies each MoE layer's router input of a micro-batch to numpy (all layers of
+    # one decode call are held until it returns) and scores it: logits, softmax and temporaries.
+    tap = 4 * n_ub * len(per_layer) * (p.n_embd + 4 * p.n_expert)
+    compute = int(1.15 * inter) + outputs + tap + (8 << 20)
     return MemoryPlan(
         baseline=psutil.Process().memory_info().rss if baseline is None else baseline,
         non_expert=info.non_expert_bytes, rows=rows, kv_cache=kv, compute=compute,

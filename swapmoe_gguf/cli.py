@@ -121,6 +121,26 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from .bench_report import targets
+    from .benchmark import BenchOptions, run_bench
+
+    try:
+        budgets = tuple(float(x.strip().rstrip("%")) for x in a.budgets.split(",")) if a.budgets else None
+    except ValueError:
+        raise SwapMoEError(f"bench: --budgets takes percentages like 100,75,50,35; got {a.budgets!r}") from None
+    kw = {k: v for k, v in dict(out_dir=a.output, speed_model=a.model, quality_model=a.quality_model, text=a.text,
+                                budgets=budgets, n_predict=a.n_predict, rounds=a.rounds, threads=a.threads,
+                                chunks=a.chunks).items() if v is not None}
+    opts = BenchOptions.quick_options(**kw) if a.quick else BenchOptions(**kw)
+    if opts.n_predict < 2 or opts.rounds < 1 or opts.chunks < 1:
+        raise SwapMoEError("bench: need -n >= 2, --rounds >= 1 and --chunks >= 1")
+    paths = run_bench(opts)
+    print(paths["table"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -191,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chunks", type=int, default=16)
     ev.add_argument("-t", "--threads", type=int, default=0)
     ev.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="full/static/exact/swapmoe side by side: speed, memory and quality")
+    b.add_argument("-m", "--model", default=None,
+                   help="swap-ready .gguf for speed and memory (default: a 2.4 GiB synthetic MoE built in the cache)")
+    b.add_argument("--quality-model", default=None, help="model for quality (default: the embedded default model)")
+    b.add_argument("--text", default=None, help="text for quality (default: the default model's held-out play)")
+    b.add_argument("--budgets", default=None, help="percentages of what `full` needs (default 100,75,50,35)")
+    b.add_argument("-n", "--n-predict", type=int, default=None, help="tokens decoded per measured request")
+    b.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    b.add_argument("--chunks", type=int, default=None, help="evaluation chunks for quality (default 12)")
+    b.add_argument("-t", "--threads", type=int, default=None)
+    b.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json, bench.png")
+    b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
+    b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="build a tiny MoE checkpoint, convert, inspect and run it")
     d.add_argument("--dir", default=None, help="work directory (default: user cache)")

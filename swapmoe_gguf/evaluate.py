@@ -98,6 +98,13 @@ def evaluate(llm: Any, chunks: list[list[int]],
 def run_eval(path: str, text: str, *, policies: list[str], experts_per_layer: int | None, memory_budget: str | None,
              ctx: int = 256, chunks: int | None = 16, threads: int = 2) -> list[EvalResult]:
     """`full` first (the reference), then each policy, one model at a time."""
+    cells = [(p, experts_per_layer, memory_budget) for p in policies if p != "full"]
+    return run_eval_cells(path, text, cells, ctx=ctx, chunks=chunks, threads=threads)
+
+
+def run_eval_cells(path: str, text: str, cells: list[tuple[str, int | None] | tuple[str, int | None, str | None]], *,
+                   ctx: int = 256, chunks: int | None = 16, threads: int = 2) -> list[EvalResult]:
+    """`full` (the reference), then each (policy, S[, memory budget]) cell on the same tokens."""
     from .runtime import SwapMoELlama
 
     kw = dict(n_ctx=ctx + 8, n_batch=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1)
@@ -107,15 +114,16 @@ def run_eval(path: str, text: str, *, policies: list[str], experts_per_layer: in
         ref_result, reference = evaluate(full, toks)
     finally:
         full.close()
+        del full  # before the next model measures the process's baseline
     results = [replace(ref_result, kl=0.0, top1_agreement=1.0)]
-    for pol in policies:
-        if pol == "full":
-            continue
-        llm = SwapMoELlama(path, policy=pol, experts_per_layer=experts_per_layer, memory_budget=memory_budget, **kw)
+    for policy, slots, *budget in cells:
+        llm = SwapMoELlama(path, policy=policy, experts_per_layer=slots, memory_budget=budget[0] if budget else None,
+                           **kw)
         try:
             results.append(evaluate(llm, toks, reference)[0])
         finally:
             llm.close()
+            del llm
     return results
 
 

@@ -16,8 +16,9 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -51,6 +52,35 @@ class StoreStats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
+class _ReadThread:
+    """One daemon thread running reads in order. Not a ThreadPoolExecutor: its worker is joined at
+    interpreter exit, and a read waiting for a staging buffer that nobody will release (a model
+    never closed) would then hang the exit."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[tuple[Future, Callable[[], StagedExpert]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="swapmoe-io", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            fut, fn = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - delivered through the future
+                    fut.set_exception(e)
+
+    def submit(self, fn: Callable[[], StagedExpert]) -> Future[StagedExpert]:
+        fut: Future[StagedExpert] = Future()
+        self._q.put((fut, fn))
+        return fut
+
+    def shutdown(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10)  # bounded: at interpreter exit a daemon thread may be frozen
+
+
 class ExpertStore:
     def __init__(self, info: GGUFInfo, staging_buffers: int = 2, drop_cache: bool = True):
         self.info, self.path, self.drop_cache = info, info.path, drop_cache
@@ -73,7 +103,7 @@ class ExpertStore:
             self._free.put(np.frombuffer(m, dtype=np.uint8))
         self.staging_buffers = staging_buffers
         self.staging_bytes = staging_buffers * self.max_expert_nbytes
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swapmoe-io")
+        self._pool = _ReadThread()
         self._warned = False
 
     def read_slice(self, t: TensorEntry, expert: int, out: np.ndarray) -> None:
@@ -125,14 +155,14 @@ class ExpertStore:
 
     def submit(self, layer: int, expert: int) -> Future[StagedExpert]:
         """Read on the background thread."""
-        return self._pool.submit(self.read, layer, expert)
+        return self._pool.submit(lambda: self.read(layer, expert))
 
     def release(self, staged: StagedExpert) -> None:
         """Give a staging buffer back once its bytes are committed (or dropped)."""
         self._free.put(staged.buf)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         for fd in (self.fd, self.direct_fd):
             if fd >= 0:
                 os.close(fd)

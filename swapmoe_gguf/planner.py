@@ -5,7 +5,8 @@ S (experts per layer) is the largest slot count the budget admits (whole-process
 swap I/O stays hidden behind decoding:
 
     I/O thread:  Q * n_moe_layers * t_read   <= IO_SHARE  * F * t_decode   (reads overlap decoding)
-    decode side: Q * n_moe_layers * t_commit <= COMMIT_SHARE * F * t_decode (commits run between steps)
+    decode side: Q * n_moe_layers * t_swap   <= COMMIT_SHARE * F * t_decode (what a swap adds to decoding:
+                 its commit between steps plus the read competing for cores, measured by the profile)
 
 Among the (F, Q) pairs that satisfy both, the one with the highest swap capacity Q/F wins (the
 scheduler adapts fastest), ties going to the smaller F. A slow disk therefore raises F and lowers Q.
@@ -24,7 +25,7 @@ from .profile import DeviceProfile, model_fingerprint
 from .scheduler import SchedulerConfig
 
 IO_SHARE = 0.5        # the read thread may be busy half of the decode time
-COMMIT_SHARE = 0.05   # commits may add at most 5 % to a decode step
+COMMIT_SHARE = 0.03   # swaps may add at most 3 % to a decode step (the router tap takes ~2 % more)
 INTERVALS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PLAN_VERSION = 1
 
@@ -56,11 +57,12 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
 
     observe_every: int = 1
+    commit_rate: float = 1.0   # commits per decode step on average (paces a prefill's burst of swaps)
 
     @property
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(decay=self.decay, interval=self.interval, quota=self.quota, margin=self.margin,
-                               observe_every=self.observe_every)
+                               observe_every=self.observe_every, commit_rate=self.commit_rate)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -101,7 +103,7 @@ def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int) ->
     for f in INTERVALS:
         for q in range(1, slots + 1):
             io = q * n_moe_layers * prof.read_ms / (f * t_dec)
-            commit = q * n_moe_layers * prof.commit_ms / (f * t_dec)
+            commit = q * n_moe_layers * prof.swap_cost_ms / (f * t_dec)
             if io <= IO_SHARE and commit <= COMMIT_SHARE:
                 cap = q / f
                 if best is None or cap > best[0] + 1e-12:
@@ -110,7 +112,7 @@ def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int) ->
         f, q = INTERVALS[-1], 1
     else:
         _, f, q = best
-    return (f, q, q * n_moe_layers * prof.read_ms / (f * t_dec), q * n_moe_layers * prof.commit_ms / (f * t_dec))
+    return (f, q, q * n_moe_layers * prof.read_ms / (f * t_dec), q * n_moe_layers * prof.swap_cost_ms / (f * t_dec))
 
 
 def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_ctx: int, threads: int,
@@ -133,7 +135,8 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
         f, q, io, commit = choose_interval_quota(prof, s, layers)
         t_dec = prof.decode_ms_at(s)
         reasons.append(f"one expert: read {prof.read_ms:.2f} ms ({prof.read_mb_s:.0f} MB/s), commit "
-                       f"{prof.commit_ms:.2f} ms; decode {t_dec:.2f} ms/token at S={s}")
+                       f"{prof.commit_ms:.2f} ms; one swap adds {prof.swap_cost_ms:.2f} ms to decoding; "
+                       f"decode {t_dec:.2f} ms/token at S={s}")
         reasons.append(f"F={f}, Q={q}: up to {q * layers} swaps every {f} tokens keep the read thread busy "
                        f"{io:.0%} of decode time (limit {IO_SHARE:.0%}) and add {commit:.1%} to decoding "
                        f"(limit {COMMIT_SHARE:.0%})")
@@ -145,13 +148,17 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
     if observe > 1:
         reasons.append(f"router scored on every {observe}th token per layer (staggered): {f // observe} samples "
                        "per layer per update")
+    # Commits are paced at the planned rate, so a burst proposed after a prompt costs what F/Q allow.
+    rate = round(min(1.0, q * layers / f), 4) if policy == "swapmoe" and q else 1.0
+    if rate < 1.0:
+        reasons.append(f"commits paced at {rate:g} per token (one every {1 / rate:.1f} tokens), also after a prompt")
     tok_s = 1e3 / (t_dec * (1 + commit))
     return Plan(PLAN_VERSION, str(info.path.resolve()), model_fingerprint(info.path), policy,
                 budget.resolve(mem.total(n)) if budget else None, n_ctx, threads, s, n, f, q, decay, margin,
                 round(tok_s, 2), round(q * layers / f, 4), round(io, 4), round(commit, 4),
                 {"baseline": mem.baseline, "non_expert": mem.non_expert, "rows": mem.rows, "kv_cache": mem.kv_cache,
                  "compute": mem.compute, "staging": mem.staging, "per_slot": mem.per_slot, "total": mem.total()},
-                reasons, observe_every=observe)
+                reasons, observe_every=observe, commit_rate=rate)
 
 
 def render(plan: Plan) -> str:

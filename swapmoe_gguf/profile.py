@@ -2,7 +2,9 @@
 
 Measured: reading expert slices from the file with the page cache dropped for those ranges
 (MB/s), committing an expert into a slot (`ggml_backend_tensor_set`), decode time per token at
-two slot counts (with the router tap on, as the `swapmoe` policy runs), and prefill speed.
+two slot counts (with the router tap on, as the `swapmoe` policy runs), prefill speed, and what
+one asynchronous swap really adds to decoding (commit, plus the read thread competing with
+llama.cpp's threads for cores and memory bandwidth), measured by decoding with a swap in flight.
 Cached per model file and machine under the user cache directory.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .gguf_info import GGUFInfo
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -53,6 +55,11 @@ class DeviceProfile:
     decode_ms: dict[int, float]  # slots -> ms per token (router tap on)
     prefill_tok_s: float
     seconds: float               # how long profiling took
+    swap_ms: float = 0.0         # decode time one asynchronous swap adds, end to end (>= commit_ms)
+
+    @property
+    def swap_cost_ms(self) -> float:
+        return max(self.swap_ms, self.commit_ms)
 
     @property
     def read_ms(self) -> float:
@@ -106,6 +113,27 @@ def time_swaps(vm, layers: int | None = None, experts: int | None = None) -> tup
     return reads, commits, nbytes
 
 
+def _time_decode_with_swaps(rt, tok: int, n_vocab: int, plain_s: float, steps: int = 24) -> float:  # type: ignore[no-untyped-def]
+    """Decode with one swap requested per step (read in the background, committed between steps, as
+    the swapmoe policy does); returns the added decode time per committed swap, in ms."""
+    vm = rt.vmodel
+    cold = [(l, e) for l in vm.moe_layers for e in range(vm.n_expert) if e not in vm.slot_map[l]]
+    os.fsync(vm.store.fd)
+    os.posix_fadvise(vm.store.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    before, times = rt.telemetry_.swaps, []
+    for i in range(steps):
+        layer, e = cold[i % len(cold)]
+        if e not in vm.slot_map[layer]:
+            rt.request_swap(layer, i % vm.slots, e)
+        t0 = time.perf_counter()
+        rt.eval([tok])
+        times.append(time.perf_counter() - t0)
+        tok = 1 + (tok * 31) % max(2, n_vocab - 1)
+    rt.apply_pending(wait=True)
+    swaps = rt.telemetry_.swaps - before
+    return max(0.0, 1e3 * (statistics.mean(times[4:]) - plain_s) * (steps - 4) / max(1, swaps)) if swaps else 0.0
+
+
 def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int = 512) -> DeviceProfile:
     from .runtime import SwapMoELlama
 
@@ -116,6 +144,7 @@ def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int =
     read_ms: list[float] = []
     commit_ms: list[float] = []
     expert_bytes = 0
+    swap_ms = 0.0
     kw = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
               n_gpu_layers=n_gpu_layers, verbose=False)
     for slots in sorted({k, min(n, 2 * k)}):
@@ -137,13 +166,15 @@ def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int =
             decode[slots] = 1e3 * statistics.median(times[4:])
             if not read_ms:
                 read_ms, commit_ms, expert_bytes = time_swaps(rt.vmodel, layers=4, experts=6)
+            if slots < n:
+                swap_ms = _time_decode_with_swaps(rt, tok, info.params.n_vocab, statistics.mean(times[4:]))
         finally:
             rt.close()
     read = statistics.median(read_ms)
     return DeviceProfile(PROFILE_VERSION, str(info.path.resolve()), model_fingerprint(info.path), machine_id(),
                          threads, n_gpu_layers, expert_bytes, round(expert_bytes / (read / 1e3) / 1e6, 1),
                          round(statistics.median(commit_ms), 4), {s: round(v, 4) for s, v in decode.items()},
-                         round(prefill, 1), round(time.perf_counter() - t_start, 2))
+                         round(prefill, 1), round(time.perf_counter() - t_start, 2), round(swap_ms, 4))
 
 
 def load_or_measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, refresh: bool = False) -> DeviceProfile:

@@ -91,6 +91,7 @@ class RouterTap:
         self.enabled = True  # off: nothing is asked for (the static/full policies need no scores)
         # Score layer i on decode steps where (step + i) % stride == 0; multi-token batches always.
         self.stride, self.step = 1, 0
+        self.batch_tokens = 1  # tokens of the decode call in flight (set by the runtime)
         self._seen: list[tuple[int, np.ndarray]] = []   # (layer, x [n_tok, n_embd]) of the current decode
         self.error: BaseException | None = None
         prefix = b"ffn_moe_" if in_graph is not None or probs else _PREFIX
@@ -112,7 +113,8 @@ class RouterTap:
                 return False
             if self.stride > 1 and self.in_graph is None:
                 kind, layer = self.wanted[name]
-                if (self.step + self.index[layer]) % self.stride and ggml().tensor(t).ne[1] == 1:
+                # by the batch, not the node: llama.cpp keeps only the output rows in the last layer
+                if (self.step + self.index[layer]) % self.stride and self.batch_tokens == 1:
                     return False
             return True
         hit = self.wanted.get(name)
@@ -146,13 +148,15 @@ class RouterTap:
             lg = np.matmul(xa[:, None, :], self.router_stack[[self.index[l] for l in layers]])[:, 0, :]
             return RouterBatch(layers, [slice(i, i + 1) for i in range(len(layers))],
                                np.sqrt(np.einsum("ij,ij->i", xa, xa)), lg, softmax(lg))
-        layers, spans, logits, xs, row = [], [], [], [], 0
+        # A prompt: layer by layer, never concatenating the inputs (a 512-token batch of a wide model
+        # would copy tens of MB; the memory budget counts the inputs once, see budget.estimate).
+        layers, spans, logits, norms, row = [], [], [], [], 0
         for layer, x in seen:
             layers.append(layer)
             spans.append(slice(row, row + x.shape[0]))
             row += x.shape[0]
             logits.append(x @ self.router_t[layer])   # [n_tok, n_expert]
-            xs.append(x)
+            norms.append(np.sqrt(np.einsum("ij,ij->i", x, x)))
+        del seen
         lg = np.concatenate(logits) if len(logits) > 1 else logits[0]
-        xa = np.concatenate(xs) if len(xs) > 1 else xs[0]
-        return RouterBatch(layers, spans, np.sqrt(np.einsum("ij,ij->i", xa, xa)), lg, softmax(lg))
+        return RouterBatch(layers, spans, np.concatenate(norms), lg, softmax(lg))

@@ -87,6 +87,7 @@ class _HookedContext(internals.LlamaContext):
     def decode(self, batch: internals.LlamaBatch) -> None:
         rt = self._runtime()
         if rt is not None:
+            rt.tap.batch_tokens = batch.batch.n_tokens
             rt._before_decode()
         t0 = time.perf_counter()
         super().decode(batch)
@@ -175,7 +176,8 @@ class SwapMoELlama(Llama):
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts,
                                          n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info)
         self.policy = self._make_policy(policy, scheduler)
-        self.commits_per_step = (scheduler or SchedulerConfig()).commits_per_step
+        self.commit_rate = (scheduler or SchedulerConfig()).commit_rate
+        self._commit_credit = 0.0
         # The tap asks for router nodes only while `tap.enabled` (policies that score experts).
         # the exact policy also needs the probability nodes: decided by what was asked for, so that a
         # budget change from `full` back to `exact` finds them
@@ -224,8 +226,10 @@ class SwapMoELlama(Llama):
     # hooks (decoding thread) -------------------------------------------------------------
     def _before_decode(self) -> None:
         self.policy.before_decode(self)
-        if self.pending:
-            self.apply_pending(limit=self.commits_per_step)
+        if self.pending:  # commit at most `commit_rate` finished swaps per step, on average
+            self._commit_credit = min(self._commit_credit + self.commit_rate, max(1.0, self.commit_rate))
+            if self._commit_credit >= 1.0:
+                self._commit_credit -= self.apply_pending(limit=int(self._commit_credit))
 
     def _after_decode(self, n_tokens: int, seconds: float) -> None:
         if self.tap.error is not None:
@@ -362,9 +366,15 @@ class SwapMoELlama(Llama):
             rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes)
 
     def close(self) -> None:
-        for _, _, _, fut in getattr(self, "pending", ()):
-            with contextlib.suppress(Exception):
-                self.vmodel.store.release(fut.result())
+        # Queued reads are cancelled; finished ones give their buffers back; the one running (if any)
+        # gets a bounded wait: at interpreter exit the read thread may already be frozen.
+        pending = getattr(self, "pending", ())
+        for *_, fut in pending:
+            fut.cancel()
+        for *_, fut in sorted(pending, key=lambda p: not p[3].done()):
+            if not fut.cancelled():
+                with contextlib.suppress(Exception):
+                    self.vmodel.store.release(fut.result(timeout=5))
         self.pending = []
         if hasattr(self, "_stack"):  # Llama.__init__ ran
             super().close()

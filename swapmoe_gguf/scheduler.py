@@ -33,13 +33,15 @@ class SchedulerConfig:
     quota: int = 2            # max swaps per layer per update (Q)
     margin: float = 1.25      # a newcomer must beat the weakest resident by this factor
     observe_every: int = 1    # score each layer on every n-th decode step (staggered); prefill always
-    commits_per_step: int = 1  # finished swaps committed per decode step (spreads the cost: flat p99)
+    # finished swaps committed per decode step, on average (spreads the cost: flat p99); below 1, one
+    # commit every 1/rate steps: the planner sets it so a prefill's burst of swaps is paced like the rest
+    commit_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}")
         if self.interval < 1 or self.quota < 0 or self.margin < 1.0 or self.observe_every < 1 \
-                or self.commits_per_step < 1:
+                or not self.commit_rate > 0:
             raise ValueError(f"need interval >= 1, quota >= 0, margin >= 1; got {self}")
 
 

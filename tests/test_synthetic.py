@@ -58,3 +58,24 @@ def test_bad_shape_is_refused(tmp_path):
     with pytest.raises(ConvertError, match="multiples of 32"):
         write_synthetic_moe(tmp_path / "x.gguf", SyntheticShape(hidden=500, heads=5, kv_heads=5))
     assert not list(tmp_path.iterdir())
+
+
+def test_process_exits_with_swaps_in_flight_and_no_close(synth):
+    """A model never closed, with more swaps pending than staging buffers: the interpreter still exits."""
+    import subprocess
+    import sys
+
+    code = f"""
+from swapmoe_gguf.runtime import SwapMoELlama
+from swapmoe_gguf.scheduler import SchedulerConfig
+llm = SwapMoELlama({str(synth)!r}, policy="swapmoe", experts_per_layer=4, n_ctx=64, verbose=False,
+                   scheduler=SchedulerConfig(quota=4, interval=1, commit_rate=0.01))
+toks = llm.tokenize(b"the quick brown fox jumps over the lazy dog")
+llm.eval(toks)
+for t in toks:
+    llm.eval([t])
+assert len(llm.pending) > llm.vmodel.store.staging_buffers, len(llm.pending)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -1,0 +1,138 @@
+"""What `swapmoe bench` writes: a markdown table, a JSON file and a two-panel PNG, plus the targets.
+
+Targets (issue #6): on the trained model with half the experts resident, swapmoe's KL to full
+<= 1/3 of static's and its perplexity increase <= 1/3 of static's; on the synthetic model at the
+same S, swapmoe decode >= 0.95x static and >= 3x exact; peak RSS within budget in every cell.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_output
+from .budget import fmt
+
+
+def _f(v: Any, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def speed_table(rows: list[dict]) -> str:
+    out = ["| policy | budget | S | decode tok/s | prefill tok/s | TTFT ms | p50 ms | p99 ms | peak RSS | "
+           "budget bytes | disk read / token | hit rate | swaps / token |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = "-" if r["experts_per_layer"] is None else f"{r['experts_per_layer']}/{r['n_expert']}"
+        ok = "" if r["within_budget"] is None else (" ok" if r["within_budget"] else " **over**")
+        name = "llama-cpp-python (plain)" if r["policy"] == "plain" else r["policy"]
+        out.append(f"| {name} | {r['budget_pct']:g}% | {s} | {_f(r['decode_tok_s'])} | {_f(r['prefill_tok_s'])} | "
+                   f"{_f(r['ttft_ms'], '.0f')} | {_f(r['p50_ms'], '.1f')} | {_f(r['p99_ms'], '.1f')} | "
+                   f"{fmt(r['peak_rss']) if r['peak_rss'] else '-'}{ok if r['policy'] != 'plain' else ''} | "
+                   f"{fmt(r['budget_bytes']) if r['budget_bytes'] else '-'} | "
+                   f"{fmt(r['disk_bytes_per_token']) if r['disk_bytes_per_token'] is not None else '-'} | "
+                   f"{_f(r['hit_rate'], '.3f')} | {_f(r['swaps_per_token'], '.2f')} |"
+                   + (f" errors: {'; '.join(r['errors'])}" if r["errors"] else ""))
+    return "\n".join(out)
+
+
+def quality_table(rows: list[dict]) -> str:
+    out = ["| policy | share of experts | S | perplexity | KL vs full | top-1 agreement | hit rate | swaps |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['policy']} | {r['budget_pct']:g}% | {r['experts_per_layer']}/{r['n_expert']} | "
+                   f"{r['ppl']:.3f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | {_f(r['hit_rate'], '.3f')} | "
+                   f"{r['swaps']} |")
+    return "\n".join(out)
+
+
+def targets(speed: list[dict], quality: list[dict]) -> list[str]:
+    """One line per target: the measured value, the target, met or not."""
+    lines = []
+    full = next((r for r in quality if r["policy"] == "full"), None)
+    half = [r["budget_pct"] for r in quality if r["policy"] != "full"]
+    if full and half:
+        b = min(half, key=lambda x: abs(x - 50))
+        q = {r["policy"]: r for r in quality if r["budget_pct"] == b}
+        if "static" in q and "swapmoe" in q and q["static"]["kl"] > 0:
+            kl = q["swapmoe"]["kl"] / q["static"]["kl"]
+            dppl_s = q["static"]["ppl"] - full["ppl"]
+            dppl = (q["swapmoe"]["ppl"] - full["ppl"]) / dppl_s if dppl_s > 0 else float("nan")
+            lines.append(f"quality at {b:g}% of the experts: KL swapmoe/static = {kl:.2f} (target <= 0.33: "
+                         f"{'met' if kl <= 1 / 3 else 'missed'}); perplexity increase swapmoe/static = {dppl:.2f} "
+                         f"(target <= 0.33: {'met' if dppl <= 1 / 3 else 'missed'})")
+    by = {(r["policy"], r["budget_pct"]): r for r in speed}
+    for b in sorted({r["budget_pct"] for r in speed if r["budget_pct"] < 100}, reverse=True):
+        sw, st, ex = by.get(("swapmoe", b)), by.get(("static", b)), by.get(("exact", b))
+        if sw and st and ex and sw["decode_tok_s"] and st["decode_tok_s"] and ex["decode_tok_s"]:
+            a, c = sw["decode_tok_s"] / st["decode_tok_s"], sw["decode_tok_s"] / ex["decode_tok_s"]
+            lines.append(f"speed at {b:g}%: swapmoe/static = {a:.2f} (target >= 0.95: {'met' if a >= 0.95 else 'missed'})"
+                         f", swapmoe/exact = {c:.2f} (target >= 3: {'met' if c >= 3 else 'missed'})")
+    over = [f"{r['policy']}@{r['budget_pct']:g}%" for r in speed if r["within_budget"] is False and r["policy"] != "plain"]
+    lines.append("peak RSS within budget in every cell: " + ("yes" if not over else "NO: " + ", ".join(over)))
+    return lines
+
+
+def render(meta: dict, speed: list[dict], quality: list[dict]) -> str:
+    head = (f"{meta['date']} · {meta['machine']} · {meta['threads']} threads · {meta['rounds']} interleaved rounds "
+            f"x {meta['n_predict']} tokens · swapmoe {meta['version']}")
+    parts = [f"# swapmoe bench\n\n{head}\n"]
+    if speed:
+        parts.append(f"## Speed and memory: {meta['speed_model']}\n\nBudget: whole-process `--memory-budget`, % of "
+                     "what `full` needs. Page cache dropped before each measured request; each cell a fresh "
+                     f"process (peak RSS = its VmHWM).\n\n{speed_table(speed)}\n")
+    if quality:
+        parts.append(f"## Quality: {meta['quality_model']}\n\n{meta['quality_text']}; each chunk a request "
+                     f"(first half prompt, second half decoded and scored); KL(full || policy).\n\n"
+                     f"{quality_table(quality)}\n")
+    parts.append("## Targets\n\n" + "\n".join(f"- {t}" for t in targets(speed, quality)) + "\n")
+    return "\n".join(parts)
+
+
+def plot(path: Path, speed: list[dict], quality: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (qa, sa) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"swapmoe": "tab:blue", "static": "tab:orange", "exact": "tab:green", "full": "black",
+              "plain": "tab:gray"}
+    for pol in ("static", "swapmoe", "exact"):
+        pts = sorted((r["budget_pct"], r["kl"]) for r in quality if r["policy"] == pol)
+        if pts:
+            qa.plot(*zip(*pts), "o-", color=colors[pol], label=pol)
+    qa.set_xlabel("experts resident per layer (% of all)")
+    qa.set_ylabel("KL(full || policy), nats / token")
+    qa.set_title("quality vs memory (trained model)")
+    qa.grid(alpha=0.3)
+    qa.legend()
+    for pol in ("static", "swapmoe", "exact", "full", "plain"):
+        pts = sorted((r["peak_rss"] / 2 ** 30, r["decode_tok_s"]) for r in speed
+                     if r["policy"] == pol and r["peak_rss"] and r["decode_tok_s"])
+        if pts:
+            sa.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", color=colors[pol],
+                    label="llama-cpp-python" if pol == "plain" else pol)
+    sa.set_xlabel("peak RSS (GiB)")
+    sa.set_ylabel("decode tokens/s")
+    sa.set_title("speed vs memory (synthetic model)")
+    sa.grid(alpha=0.3)
+    sa.legend()
+    fig.tight_layout()
+    with atomic_output(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write(out_dir: Path, meta: dict, speed: list[dict], quality: list[dict], png: bool = True) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out_dir / "bench.md", "json": out_dir / "bench.json"}
+    with atomic_output(paths["table"], force=True) as tmp:
+        tmp.write_text(render(meta, speed, quality))
+    with atomic_output(paths["json"], force=True) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "speed": speed, "quality": quality,
+                                   "targets": targets(speed, quality)}, indent=2))
+    if png:
+        paths["png"] = out_dir / "bench.png"
+        plot(paths["png"], speed, quality)
+    return paths

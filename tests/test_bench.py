@@ -1,0 +1,62 @@
+"""`swapmoe bench --quick`: end to end on a fresh cache, writing the table, the JSON and the PNG."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from swapmoe_gguf.bench_report import targets
+from swapmoe_gguf.benchmark import _percentile, slots_for
+
+
+def test_bench_quick_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("bench", "--quick", "-t", "2", "-o", out, env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+                timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "writing the synthetic speed model" in r.stderr  # built on a fresh cache, nothing downloaded
+    table = (out / "bench.md").read_text()
+    assert "## Speed and memory" in table and "## Quality" in table and "## Targets" in table
+    assert table in r.stdout
+    data = json.loads((out / "bench.json").read_text())
+    speed = {(row["policy"], row["budget_pct"]): row for row in data["speed"]}
+    assert set(speed) == {("full", 100), ("plain", 100), ("static", 50), ("exact", 50), ("swapmoe", 50)}
+    for (policy, _), row in speed.items():
+        assert not row["errors"], row
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss"] > 0
+        assert row["p99_ms"] >= row["p50_ms"] > 0
+        if policy != "plain":
+            assert row["within_budget"], row  # measured VmHWM of the cell's own process
+    s = speed[("swapmoe", 50)]["experts_per_layer"]
+    assert speed[("static", 50)]["experts_per_layer"] == s < speed[("full", 100)]["experts_per_layer"]
+    assert speed[("static", 50)]["swaps_per_token"] == 0 and speed[("static", 50)]["hit_rate"] is None
+    assert speed[("full", 100)]["peak_rss"] > speed[("static", 50)]["peak_rss"]
+    quality = {row["policy"]: row for row in data["quality"]}
+    assert quality["full"]["kl"] == 0 and quality["full"]["ppl"] < 60
+    assert quality["exact"]["kl"] < 1e-3                  # lossless
+    assert quality["static"]["kl"] > quality["swapmoe"]["kl"] > 0
+    assert data["targets"] and data["targets"] == targets(data["speed"], data["quality"])
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out / "bench.png")
+    assert img.shape[1] > 2 * img.shape[0] > 400  # two panels side by side
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budgets", "50,abc"], "--budgets takes percentages"),
+    (["--budgets", "0,50"], "budgets must be percentages in (0, 100]"),
+    (["--rounds", "0"], "need -n >= 2"),
+    (["--text", "/nonexistent/file.txt"], "cannot read"),
+])
+def test_bench_bad_input_is_one_line(tmp_path, args, message):
+    r = run_cli("bench", "--quick", "-o", tmp_path, *args, timeout=600)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_helpers():
+    assert [slots_for(p, 16, 2) for p in (100, 75, 50, 35, 5)] == [16, 12, 8, 6, 2]
+    assert _percentile([1.0, 2.0, 3.0, 4.0, 100.0], 50) == 3.0 and _percentile([5.0], 99) == 5.0
