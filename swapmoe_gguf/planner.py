@@ -8,8 +8,15 @@ swap I/O stays hidden behind decoding:
     decode side: Q * n_moe_layers * t_swap   <= COMMIT_SHARE * F * t_decode (what a swap adds to decoding:
                  its commit between steps plus the read competing for cores, measured by the profile)
 
-Among the (F, Q) pairs that satisfy both, the one with the highest swap capacity Q/F wins (the
-scheduler adapts fastest), ties going to the smaller F. A slow disk therefore raises F and lowers Q.
+Scoring a layer's router costs a graph split plus numpy (`t_tap`, measured), so each layer is
+scored on every o-th token (staggered), the smallest o with
+
+    router tap:  n_moe_layers / o * t_tap <= TAP_SHARE * t_decode
+
+and F >= SAMPLES * o, so every update sees enough tokens. Among the (F, Q) pairs that satisfy all
+this, the one with the highest swap capacity Q/F wins (the scheduler adapts fastest), ties going to
+the smaller F. A slow disk therefore raises F and lowers Q. Swaps plus scoring stay within
+COMMIT_SHARE + TAP_SHARE = 5 % of decoding: the `static` model's speed, within 0.95x.
 """
 from __future__ import annotations
 
@@ -25,7 +32,9 @@ from .profile import DeviceProfile, model_fingerprint
 from .scheduler import SchedulerConfig
 
 IO_SHARE = 0.5        # the read thread may be busy half of the decode time
-COMMIT_SHARE = 0.03   # swaps may add at most 3 % to a decode step (the router tap takes ~2 % more)
+COMMIT_SHARE = 0.03   # swaps may add at most 3 % to a decode step
+TAP_SHARE = 0.02      # scoring routers may add at most 2 %
+SAMPLES = 8           # scored tokens per layer per update window, at least
 INTERVALS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PLAN_VERSION = 1
 
@@ -97,10 +106,16 @@ class Plan:
                             "run `swapmoe plan` again")
 
 
-def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int) -> tuple[int, int, float, float]:
+def choose_observe(prof: DeviceProfile, t_dec: float, n_moe_layers: int) -> int:
+    """Score each layer on every o-th token: the smallest o whose scoring cost fits TAP_SHARE."""
+    return next((o for o in INTERVALS if n_moe_layers / o * prof.tap_ms <= TAP_SHARE * t_dec), INTERVALS[-1])
+
+
+def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int,
+                          min_interval: int = 1) -> tuple[int, int, float, float]:
     t_dec = prof.decode_ms_at(slots)
     best: tuple[float, int, int] | None = None
-    for f in INTERVALS:
+    for f in (f for f in INTERVALS if f >= min(min_interval, INTERVALS[-1])):
         for q in range(1, slots + 1):
             io = q * n_moe_layers * prof.read_ms / (f * t_dec)
             commit = q * n_moe_layers * prof.swap_cost_ms / (f * t_dec)
@@ -127,32 +142,31 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
         reasons.append(f"budget {fmt(budget.resolve(mem.total(n)))} admits {s} of {n} experts per layer "
                        f"(each slot costs {fmt(mem.per_slot)} across {layers} MoE layers)")
     if s == n:
-        policy, f, q, io, commit = "full", INTERVALS[-1], 0, 0.0, 0.0
+        policy, f, q, io, commit, observe = "full", INTERVALS[-1], 0, 0.0, 0.0, 1
         reasons.append("everything fits: running the full model (no swapping)")
         t_dec = prof.decode_ms_at(s)
     else:
         policy = "swapmoe"
-        f, q, io, commit = choose_interval_quota(prof, s, layers)
         t_dec = prof.decode_ms_at(s)
+        observe = choose_observe(prof, t_dec, layers)
+        f, q, io, commit = choose_interval_quota(prof, s, layers, min_interval=SAMPLES * observe)
         reasons.append(f"one expert: read {prof.read_ms:.2f} ms ({prof.read_mb_s:.0f} MB/s), commit "
-                       f"{prof.commit_ms:.2f} ms; one swap adds {prof.swap_cost_ms:.2f} ms to decoding; "
-                       f"decode {t_dec:.2f} ms/token at S={s}")
+                       f"{prof.commit_ms:.2f} ms; one swap adds {prof.swap_cost_ms:.2f} ms to decoding; scoring "
+                       f"one layer's router adds {prof.tap_ms:.2f} ms; decode {t_dec:.2f} ms/token at S={s}")
+        if observe > 1:
+            reasons.append(f"router scored on every {observe}th token per layer (staggered) to keep scoring under "
+                           f"{TAP_SHARE:.0%} of decoding; F >= {SAMPLES * observe} so each update sees "
+                           f">= {SAMPLES} tokens per layer")
         reasons.append(f"F={f}, Q={q}: up to {q * layers} swaps every {f} tokens keep the read thread busy "
                        f"{io:.0%} of decode time (limit {IO_SHARE:.0%}) and add {commit:.1%} to decoding "
                        f"(limit {COMMIT_SHARE:.0%})")
         if s == k:
             reasons.append(f"S equals top-k ({k}): every token's experts come from the resident set only")
-    # Scoring a layer splits llama.cpp's graph there; ~8 samples per layer per update window are
-    # plenty for a decayed importance, so with long intervals each layer is scored on every n-th token.
-    observe = max(1, f // 8) if policy == "swapmoe" else 1
-    if observe > 1:
-        reasons.append(f"router scored on every {observe}th token per layer (staggered): {f // observe} samples "
-                       "per layer per update")
     # Commits are paced at the planned rate, so a burst proposed after a prompt costs what F/Q allow.
     rate = round(min(1.0, q * layers / f), 4) if policy == "swapmoe" and q else 1.0
     if rate < 1.0:
         reasons.append(f"commits paced at {rate:g} per token (one every {1 / rate:.1f} tokens), also after a prompt")
-    tok_s = 1e3 / (t_dec * (1 + commit))
+    tok_s = 1e3 / (t_dec * (1 + commit + layers / observe * prof.tap_ms / t_dec * (policy == "swapmoe")))
     return Plan(PLAN_VERSION, str(info.path.resolve()), model_fingerprint(info.path), policy,
                 budget.resolve(mem.total(n)) if budget else None, n_ctx, threads, s, n, f, q, decay, margin,
                 round(tok_s, 2), round(q * layers / f, 4), round(io, 4), round(commit, 4),

@@ -2,9 +2,9 @@
 
 Measured: reading expert slices from the file with the page cache dropped for those ranges
 (MB/s), committing an expert into a slot (`ggml_backend_tensor_set`), decode time per token at
-two slot counts (with the router tap on, as the `swapmoe` policy runs), prefill speed, and what
-one asynchronous swap really adds to decoding (commit, plus the read thread competing with
-llama.cpp's threads for cores and memory bandwidth), measured by decoding with a swap in flight.
+two slot counts, prefill speed, and, by decoding in interleaved blocks, what scoring one layer's
+router adds to a step (a graph split plus numpy) and what one asynchronous swap really adds
+(commit, plus the read thread competing with llama.cpp's threads for cores and memory bandwidth).
 Cached per model file and machine under the user cache directory.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .gguf_info import GGUFInfo
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -52,10 +52,11 @@ class DeviceProfile:
     expert_bytes: int            # one expert of one layer, all its tensors
     read_mb_s: float             # expert reads, page cache dropped
     commit_ms: float             # one expert into a slot
-    decode_ms: dict[int, float]  # slots -> ms per token (router tap on)
+    decode_ms: dict[int, float]  # slots -> ms per token (router tap off)
     prefill_tok_s: float
     seconds: float               # how long profiling took
     swap_ms: float = 0.0         # decode time one asynchronous swap adds, end to end (>= commit_ms)
+    tap_ms: float = 0.0          # decode time scoring one MoE layer's router adds (graph split + numpy)
 
     @property
     def swap_cost_ms(self) -> float:
@@ -66,11 +67,14 @@ class DeviceProfile:
         return self.expert_bytes / (self.read_mb_s * 1e6) * 1e3
 
     def decode_ms_at(self, slots: int) -> float:
-        """Linear in the slot count between the measured points (the router grows with S)."""
+        """Linear in the slot count between the measured points, flat outside them: compute is top-k,
+        so S changes little, and extrapolating a noisy slope would not be a measurement."""
         pts = sorted((int(k), v) for k, v in self.decode_ms.items())
         if len(pts) == 1 or slots <= pts[0][0]:
             return pts[0][1]
         (s0, d0), (s1, d1) = pts[0], pts[-1]
+        if slots >= s1:
+            return d1
         return d0 + (d1 - d0) * (slots - s0) / max(1, s1 - s0)
 
     def to_json(self) -> str:
@@ -113,25 +117,43 @@ def time_swaps(vm, layers: int | None = None, experts: int | None = None) -> tup
     return reads, commits, nbytes
 
 
-def _time_decode_with_swaps(rt, tok: int, n_vocab: int, plain_s: float, steps: int = 24) -> float:  # type: ignore[no-untyped-def]
-    """Decode with one swap requested per step (read in the background, committed between steps, as
-    the swapmoe policy does); returns the added decode time per committed swap, in ms."""
+def _trimmed_mean(v: list[float]) -> float:
+    """Mean without the slowest and fastest tenth: robust to this machine's spikes, yet sees costs
+    that are not paid on every step (swaps)."""
+    s = sorted(v)
+    cut = len(s) // 10
+    return statistics.mean(s[cut:len(s) - cut] or s)
+
+
+def _interleaved_decode(rt, tok: int, n_vocab: int, cycles: int = 3, block: int = 8) -> tuple[list[float], list[float], list[float], int]:  # type: ignore[no-untyped-def]
+    """Decode steps in interleaved blocks: plain (router tap off), tap on every MoE layer, and one
+    swap requested per step (read in the background, committed between steps, as swapmoe does).
+    Returns the three step-time lists (seconds) and the swaps committed in the third."""
     vm = rt.vmodel
     cold = [(l, e) for l in vm.moe_layers for e in range(vm.n_expert) if e not in vm.slot_map[l]]
-    os.fsync(vm.store.fd)
-    os.posix_fadvise(vm.store.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    before, times = rt.telemetry_.swaps, []
-    for i in range(steps):
-        layer, e = cold[i % len(cold)]
-        if e not in vm.slot_map[layer]:
-            rt.request_swap(layer, i % vm.slots, e)
-        t0 = time.perf_counter()
-        rt.eval([tok])
-        times.append(time.perf_counter() - t0)
-        tok = 1 + (tok * 31) % max(2, n_vocab - 1)
-    rt.apply_pending(wait=True)
-    swaps = rt.telemetry_.swaps - before
-    return max(0.0, 1e3 * (statistics.mean(times[4:]) - plain_s) * (steps - 4) / max(1, swaps)) if swaps else 0.0
+    plain: list[float] = []
+    tapped: list[float] = []
+    swapping: list[float] = []
+    swaps, i = 0, 0
+    for _ in range(cycles):
+        for kind, out in (("plain", plain), ("tap", tapped), ("swap", swapping)):
+            rt.tap.enabled = kind == "tap"
+            before = rt.telemetry_.swaps
+            for _ in range(block):
+                if kind == "swap" and cold:
+                    layer, e = cold[i % len(cold)]
+                    i += 1
+                    if e not in vm.slot_map[layer]:
+                        rt.request_swap(layer, i % vm.slots, e)
+                t0 = time.perf_counter()
+                rt.eval([tok])
+                out.append(time.perf_counter() - t0)
+                tok = 1 + (tok * 31) % max(2, n_vocab - 1)
+            if kind == "swap":
+                rt.apply_pending(wait=True)
+                swaps += rt.telemetry_.swaps - before
+    rt.tap.enabled = False
+    return plain, tapped, swapping, swaps
 
 
 def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int = 512) -> DeviceProfile:
@@ -139,42 +161,43 @@ def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int =
 
     t_start = time.perf_counter()
     k, n = info.params.n_expert_used, info.n_expert
+    n_layers = len(info.moe_layers)
     decode: dict[int, float] = {}
     prefill = 0.0
     read_ms: list[float] = []
     commit_ms: list[float] = []
     expert_bytes = 0
-    swap_ms = 0.0
+    swap_ms, tap_ms = 0.0, 0.0
     kw = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
               n_gpu_layers=n_gpu_layers, verbose=False)
     for slots in sorted({k, min(n, 2 * k)}):
         rt = SwapMoELlama(str(info.path), experts_per_layer=slots, policy="static",
                           initial_experts={l: list(range(slots)) for l in info.moe_layers}, **kw)
         try:
-            rt.tap.enabled = True  # as the swapmoe policy runs
             prompt = [t % max(2, info.params.n_vocab - 1) + 1 for t in range(3, 3 + min(64, n_ctx // 4))]
             rt.reset()
             t0 = time.perf_counter()
             rt.eval(prompt)
             prefill = max(prefill, len(prompt) / (time.perf_counter() - t0))
-            tok, times = prompt[-1], []
-            for _ in range(24):
-                t0 = time.perf_counter()
+            tok = prompt[-1]
+            for _ in range(6):  # warm-up
                 rt.eval([tok])
-                times.append(time.perf_counter() - t0)
-                tok = 1 + (tok * 31) % max(2, info.params.n_vocab - 1)
-            decode[slots] = 1e3 * statistics.median(times[4:])
             if not read_ms:
                 read_ms, commit_ms, expert_bytes = time_swaps(rt.vmodel, layers=4, experts=6)
-            if slots < n:
-                swap_ms = _time_decode_with_swaps(rt, tok, info.params.n_vocab, statistics.mean(times[4:]))
+            plain, tapped, swapping, swaps = _interleaved_decode(rt, tok, info.params.n_vocab)
+            decode[slots] = 1e3 * statistics.median(plain)
+            base = _trimmed_mean(plain)
+            tap_ms = max(tap_ms, 1e3 * (_trimmed_mean(tapped) - base) / max(1, n_layers))
+            if swaps:
+                swap_ms = max(swap_ms, 1e3 * (_trimmed_mean(swapping) - base) * len(swapping) / swaps)
         finally:
             rt.close()
     read = statistics.median(read_ms)
     return DeviceProfile(PROFILE_VERSION, str(info.path.resolve()), model_fingerprint(info.path), machine_id(),
                          threads, n_gpu_layers, expert_bytes, round(expert_bytes / (read / 1e3) / 1e6, 1),
                          round(statistics.median(commit_ms), 4), {s: round(v, 4) for s, v in decode.items()},
-                         round(prefill, 1), round(time.perf_counter() - t_start, 2), round(swap_ms, 4))
+                         round(prefill, 1), round(time.perf_counter() - t_start, 2), round(swap_ms, 4),
+                         round(tap_ms, 4))
 
 
 def load_or_measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, refresh: bool = False) -> DeviceProfile:

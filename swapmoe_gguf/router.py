@@ -145,7 +145,10 @@ class RouterTap:
         if all(x.shape[0] == 1 for _, x in seen):  # decode step: one token per layer, one matmul
             layers = [l for l, _ in seen]
             xa = np.concatenate([x for _, x in seen])                                   # [L, n_embd]
-            lg = np.matmul(xa[:, None, :], self.router_stack[[self.index[l] for l in layers]])[:, 0, :]
+            if len(layers) == len(self.index) and all(self.index[l] == i for i, l in enumerate(layers)):
+                lg = np.matmul(xa[:, None, :], self.router_stack)[:, 0, :]              # [L, n_expert]
+            else:  # some layers (observe_every > 1): no fancy-indexed copy of the router stack
+                lg = np.concatenate([x @ self.router_t[l] for l, x in seen])
             return RouterBatch(layers, [slice(i, i + 1) for i in range(len(layers))],
                                np.sqrt(np.einsum("ij,ij->i", xa, xa)), lg, softmax(lg))
         # A prompt: layer by layer, never concatenating the inputs (a 512-token batch of a wide model
