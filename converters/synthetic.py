@@ -28,6 +28,7 @@ from .tiny_checkpoint import write_byte_tokenizer
 from .vocab import add_vocab
 from .writer import PlannedTensor, SwapReadyWriter
 
+GENERATOR_VERSION = 2  # part of cached file names: bump when the generated weights change
 _Q8_BLOCK, _Q8_BYTES = 32, 34
 _WEIGHT_STD = 0.02                                 # dequantized weights: roughly N(0, 0.02) like trained models
 _BYTE_STD = float(np.sqrt((np.arange(-128, 128) ** 2).mean()))  # RMS of a uniform random int8 (~73.9)
@@ -103,15 +104,15 @@ def _write(tmp: Path, arch: Mixtral, s: SyntheticShape, n_vocab: int, tok_dir: P
     # Experts differ in size (as trained ones do), so ||E_i|| in the importance score matters.
     expert_scale = _WEIGHT_STD / _BYTE_STD * rng.lognormal(0.0, 0.25, (s.layers, s.experts))
 
-    def dense(name: str, shape: tuple[int, ...], qtype: Q = Q.Q8_0) -> PlannedTensor:
+    def dense(name: str, shape: tuple[int, ...], qtype: Q = Q.Q8_0, std: float = _WEIGHT_STD) -> PlannedTensor:
         def produce() -> Iterator[np.ndarray]:
             if len(shape) == 1:
                 yield (1.0 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
-            elif qtype == Q.F32:  # router: rows of different norms make some experts popular
-                row = rng.lognormal(0.0, 0.5, (shape[0], 1))
+            elif qtype == Q.F32:  # router: nearly balanced, as load-balancing training leaves real ones
+                row = rng.lognormal(0.0, 0.1, (shape[0], 1))
                 yield (row * rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
             else:
-                yield _q8_0_random(rng, shape[0], shape[1], _WEIGHT_STD / _BYTE_STD)[0]
+                yield _q8_0_random(rng, shape[0], shape[1], std / _BYTE_STD)[0]
         return PlannedTensor(name, shape, qtype, nbytes(shape, qtype), produce)
 
     def experts(layer: int, kind: str, rows: int, cols: int) -> PlannedTensor:
@@ -135,10 +136,15 @@ def _write(tmp: Path, arch: Mixtral, s: SyntheticShape, n_vocab: int, tok_dir: P
     add_vocab(gw, tok_dir, n_vocab)
     w.add(dense("token_embd.weight", (n_vocab, h)))
     for l in range(s.layers):
-        for name, shape, qtype in (("attn_norm", (h,), Q.F32), ("attn_q", (h, h), Q.Q8_0), ("attn_k", (kv, h), Q.Q8_0),
-                                   ("attn_v", (kv, h), Q.Q8_0), ("attn_output", (h, h), Q.Q8_0),
-                                   ("ffn_norm", (h,), Q.F32), ("ffn_gate_inp", (s.experts, h), Q.F32)):
-            w.add(dense(f"blk.{l}.{name}.weight", shape, qtype))
+        # Random attention averages over the context and would make every position's hidden state
+        # (and so its routing) alike; a weak attention output keeps routing token by token, as in
+        # trained models, so on-demand loading meets real misses.
+        for name, shape, qtype, std in (
+                ("attn_norm", (h,), Q.F32, 0), ("attn_q", (h, h), Q.Q8_0, _WEIGHT_STD),
+                ("attn_k", (kv, h), Q.Q8_0, _WEIGHT_STD), ("attn_v", (kv, h), Q.Q8_0, _WEIGHT_STD),
+                ("attn_output", (h, h), Q.Q8_0, _WEIGHT_STD / 20), ("ffn_norm", (h,), Q.F32, 0),
+                ("ffn_gate_inp", (s.experts, h), Q.F32, 0)):
+            w.add(dense(f"blk.{l}.{name}.weight", shape, qtype, std))
         w.add(experts(l, "ffn_gate_exps", s.ffn, h))
         w.add(experts(l, "ffn_up_exps", s.ffn, h))
         w.add(experts(l, "ffn_down_exps", h, s.ffn))

@@ -124,12 +124,15 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
     else:
         plan = None
         if cell.policy == "swapmoe":
-            from .budget import parse_budget
+            from .budget import parse_budget, plan_slots
             from .planner import make_plan
             from .profile import load_or_measure
 
-            plan = make_plan(info, load_or_measure(info, threads=cell.threads),
-                             parse_budget(f"{cell.budget_pct:g}%"), n_ctx=cell.n_ctx, threads=cell.threads)
+            budget = parse_budget(f"{cell.budget_pct:g}%")
+            prof = load_or_measure(info, threads=cell.threads)
+            # the S the runtime picks for this budget (as for static and exact), then F and Q for it
+            slots = plan_slots(estimate(info, n_ctx=cell.n_ctx, n_batch=kw["n_batch"]), budget, None).slots
+            plan = make_plan(info, prof, budget, n_ctx=cell.n_ctx, threads=cell.threads, experts_per_layer=slots)
         llm = SwapMoELlama(cell.model, policy=cell.policy, memory_budget=f"{cell.budget_pct:g}%", plan=plan, **kw)
     ours = isinstance(llm, SwapMoELlama)
     try:
@@ -262,13 +265,14 @@ class BenchOptions:
 
 def synthetic_model(quick: bool) -> Path:
     """The synthetic speed model in the user cache (about 2.4 GiB; a 14 MiB one with --quick)."""
-    from .converters.synthetic import SyntheticShape, write_synthetic_moe
+    from .converters.synthetic import GENERATOR_VERSION, SyntheticShape, write_synthetic_moe
     from .paths import cache_dir
 
     # quick: experts still dominate the process (~210 MiB of them), so 50 % leaves a real choice of S
     shape = SyntheticShape(layers=4, hidden=1024, ffn=512, experts=32, top_k=4, heads=8, kv_heads=2) if quick \
         else SyntheticShape()
-    path = cache_dir() / "synthetic" / f"synthetic-moe-{shape.layers}x{shape.experts}x{shape.ffn}x{shape.hidden}.gguf"
+    path = cache_dir() / "synthetic" / (f"synthetic-moe-v{GENERATOR_VERSION}-{shape.layers}x{shape.experts}x{shape.ffn}"
+                                        f"x{shape.hidden}.gguf")
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"writing the synthetic speed model ({shape.file_bytes() / 2 ** 30:.2f} GiB) to {path}", file=sys.stderr)

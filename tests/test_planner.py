@@ -24,9 +24,34 @@ def model(tmp_path_factory):
     return out
 
 
-def _profile(info, read_mb_s: float, commit_ms: float = 0.05, decode_ms: float = 5.0) -> DeviceProfile:
+def _profile(info, read_mb_s: float, commit_ms: float = 0.05, decode_ms: float = 5.0, swap_ms: float = 0.0,
+             tap_ms: float = 0.0) -> DeviceProfile:
     return DeviceProfile(1, str(info.path), model_fingerprint(info.path), "test", 2, 0, info.expert_bytes,
-                         read_mb_s, commit_ms, {2: decode_ms, 4: decode_ms * 1.02}, 500.0, 0.0)
+                         read_mb_s, commit_ms, {2: decode_ms, 4: decode_ms * 1.02}, 500.0, 0.0, swap_ms, tap_ms)
+
+
+def test_measured_overheads_shape_the_plan(model):
+    """Costly router scoring -> a scoring stride and a long enough F; costly swaps -> fewer swaps;
+    commits paced at the planned rate; planned overhead within 5 % of decoding."""
+    info = read_gguf(model)
+    kw = dict(n_ctx=256, threads=2, experts_per_layer=4, baseline=50 << 20)
+    cheap = make_plan(info, _profile(info, 2000.0), None, **kw)
+    tap = make_plan(info, _profile(info, 2000.0, tap_ms=0.5), None, **kw)
+    swap = make_plan(info, _profile(info, 2000.0, swap_ms=2.0), None, **kw)
+    assert cheap.observe_every == 1 and tap.observe_every > 1
+    assert tap.interval >= 8 * tap.observe_every
+    assert 4 / tap.observe_every * 0.5 <= 0.02 * 5.0 + 1e-9          # scoring within 2 % of a 5 ms step
+    assert swap.swaps_per_token < cheap.swaps_per_token and swap.commit_share <= 0.03 + 1e-9
+    for p in (cheap, tap, swap):
+        assert p.commit_rate == pytest.approx(min(1.0, p.quota * 4 / p.interval), abs=1e-4)
+        assert p.scheduler.commit_rate == p.commit_rate and p.scheduler.observe_every == p.observe_every
+
+
+def test_decode_time_is_not_extrapolated(model):
+    info = read_gguf(model)
+    prof = _profile(info, 500.0, decode_ms=5.0)
+    assert prof.decode_ms_at(2) == 5.0 and prof.decode_ms_at(3) == pytest.approx(5.05)
+    assert prof.decode_ms_at(8) == prof.decode_ms_at(4) == pytest.approx(5.1)
 
 
 def test_slow_disk_raises_interval_and_lowers_quota(model):
