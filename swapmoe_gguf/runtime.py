@@ -65,6 +65,16 @@ def _glibc_release_large_blocks() -> Callable[[], None]:
 _trim = _glibc_release_large_blocks()
 
 
+def _single_threaded_blas() -> None:
+    """numpy's BLAS scores the routers; its worker threads keep spinning after each matmul and took
+    the cores from llama.cpp's threads (measured: the five decode steps after a scored prompt ran
+    at half speed). The router matmuls are small, so one BLAS thread is plenty; llama.cpp owns the
+    cores. Process-wide, as BLAS thread pools are."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class ResidencyPolicy(Protocol):
     """Decides swaps. Called on the decoding thread; must not block on I/O (except `exact`)."""
 
@@ -151,6 +161,7 @@ class SwapMoELlama(Llama):
             raise SwapMoEError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         info = read_gguf(model_path)
         n_expert = info.n_expert
+        _single_threaded_blas()
         gc.collect()  # the baseline below is measured: release what earlier models left behind first
         _trim()
         budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
