@@ -10,6 +10,7 @@ page cache does not quietly hold the whole model. A read error or short read rai
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -63,6 +64,10 @@ class _ReadThread:
         self._thread.start()
 
     def _run(self) -> None:
+        # Lowest CPU priority: the reads are DMA and need little CPU, while llama.cpp's threads wait
+        # for each other at every graph barrier, so a read preempting one of them stalls them all.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (item := self._q.get()) is not None:
             fut, fn = item
             if fut.set_running_or_notify_cancel():
