@@ -23,7 +23,7 @@ from .gguf_info import GGUFInfo
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5  # bump when what is measured changes (5: read thread at nice 10)
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
