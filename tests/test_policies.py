@@ -86,7 +86,13 @@ def test_swapmoe_swaps_between_decodes_and_tracks_the_router(models):
         rt.apply_pending(wait=True)
         sched = rt.policy.scheduler
         assert sched.stats.updates > 0
-        # after the last update the resident set is the scheduler's top-S (or within its margin)
+        # Reads land asynchronously (the read thread runs at a lower priority than decoding), so the
+        # last proposals may still be in flight: finish the updates the scores call for, through the
+        # runtime's own swap path, then the resident set is the scheduler's top-S (or within its margin).
+        for _ in range(4):
+            for sw in sched.propose(rt.vmodel.slot_map):
+                rt.request_swap(sw.layer, sw.slot, sw.expert)
+            rt.apply_pending(wait=True)
         for layer, slots in rt.vmodel.slot_map.items():
             s = sched.scores[sched.index[layer]]
             best = sorted(np.argsort(-s)[:2].tolist())
