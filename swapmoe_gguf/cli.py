@@ -122,7 +122,6 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from .bench_report import targets
     from .benchmark import BenchOptions, run_bench
 
     try:

@@ -23,7 +23,7 @@ from .gguf_info import GGUFInfo
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
-PROFILE_VERSION = 5  # bump when what is measured changes (5: read thread at nice 10)
+PROFILE_VERSION = 6  # bump when what is measured changes (6: scoring cost per step scoring one layer)
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -56,7 +56,7 @@ class DeviceProfile:
     prefill_tok_s: float
     seconds: float               # how long profiling took
     swap_ms: float = 0.0         # decode time one asynchronous swap adds, end to end (>= commit_ms)
-    tap_ms: float = 0.0          # decode time scoring one MoE layer's router adds (graph split + numpy)
+    tap_ms: float = 0.0          # what a step scoring one MoE layer's router adds (graph split + numpy)
 
     @property
     def swap_cost_ms(self) -> float:
@@ -138,6 +138,9 @@ def _interleaved_decode(rt, tok: int, n_vocab: int, cycles: int = 3, block: int 
     for _ in range(cycles):
         for kind, out in (("plain", plain), ("tap", tapped), ("swap", swapping)):
             rt.tap.enabled = kind == "tap"
+            # one layer scored per step, staggered, as swapmoe runs with a scoring stride: a scored
+            # step pays a fixed cost (graph split, batch, bookkeeping) besides the per-layer matmul
+            rt.tap.stride = len(vm.moe_layers)
             before = rt.telemetry_.swaps
             for _ in range(block):
                 if kind == "swap" and cold:
@@ -152,7 +155,7 @@ def _interleaved_decode(rt, tok: int, n_vocab: int, cycles: int = 3, block: int 
             if kind == "swap":
                 rt.apply_pending(wait=True)
                 swaps += rt.telemetry_.swaps - before
-    rt.tap.enabled = False
+    rt.tap.enabled, rt.tap.stride = False, 1
     return plain, tapped, swapping, swaps
 
 
@@ -161,7 +164,6 @@ def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int =
 
     t_start = time.perf_counter()
     k, n = info.params.n_expert_used, info.n_expert
-    n_layers = len(info.moe_layers)
     decode: dict[int, float] = {}
     prefill = 0.0
     read_ms: list[float] = []
@@ -187,7 +189,7 @@ def measure(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0, n_ctx: int =
             plain, tapped, swapping, swaps = _interleaved_decode(rt, tok, info.params.n_vocab)
             decode[slots] = 1e3 * statistics.median(plain)
             base = _trimmed_mean(plain)
-            tap_ms = max(tap_ms, 1e3 * (_trimmed_mean(tapped) - base) / max(1, n_layers))
+            tap_ms = max(tap_ms, 1e3 * (_trimmed_mean(tapped) - base))  # per step scoring one layer
             if swaps:
                 swap_ms = max(swap_ms, 1e3 * (_trimmed_mean(swapping) - base) * len(swapping) / swaps)
         finally:
