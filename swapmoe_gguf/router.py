@@ -82,8 +82,6 @@ class RouterTap:
 
         self.router_t = {l: np.ascontiguousarray(w.T) for l, w in router.items()}  # [n_embd, n_expert]
         self.index = {l: i for i, l in enumerate(router)}
-        # [n_moe_layer, n_embd, n_expert]: one batched matmul scores every layer of a decode step
-        self.router_stack = np.stack([self.router_t[l] for l in router]) if router else None
         self.wanted: dict[bytes, tuple[str, int]] = {f"ffn_moe_logits-{l}".encode(): ("logits", l) for l in router}
         if in_graph is not None or probs:
             self.wanted |= {f"ffn_moe_probs-{l}".encode(): ("probs", l) for l in router}
@@ -142,13 +140,10 @@ class RouterTap:
         if not self._seen:
             return None
         seen, self._seen = self._seen, []
-        if all(x.shape[0] == 1 for _, x in seen):  # decode step: one token per layer, one matmul
+        if all(x.shape[0] == 1 for _, x in seen):  # decode step: one token per scored layer
             layers = [l for l, _ in seen]
             xa = np.concatenate([x for _, x in seen])                                   # [L, n_embd]
-            if len(layers) == len(self.index) and all(self.index[l] == i for i, l in enumerate(layers)):
-                lg = np.matmul(xa[:, None, :], self.router_stack)[:, 0, :]              # [L, n_expert]
-            else:  # some layers (observe_every > 1): no fancy-indexed copy of the router stack
-                lg = np.concatenate([x @ self.router_t[l] for l, x in seen])
+            lg = np.concatenate([x @ self.router_t[l] for l, x in seen])                # [L, n_expert]
             return RouterBatch(layers, [slice(i, i + 1) for i in range(len(layers))],
                                np.sqrt(np.einsum("ij,ij->i", xa, xa)), lg, softmax(lg))
         # A prompt: layer by layer, never concatenating the inputs (a 512-token batch of a wide model
