@@ -6,8 +6,11 @@ resident memory against the budget, router hit rate, swaps.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from typing import TextIO
+import threading
+from typing import Iterator, TextIO
 
 from .budget import fmt
 from .errors import SwapMoEError
@@ -15,6 +18,30 @@ from .generate import GenerationRecord, stream
 from .settings import ModelSettings, SamplingSettings
 
 HELP = "commands: /exit  /reset  /stats  /budget <size, e.g. 3GiB or 60%>  /help   (Ctrl-C stops an answer)"
+
+
+@contextlib.contextmanager
+def _ctrl_c_as_flag(llm) -> Iterator[threading.Event]:  # type: ignore[no-untyped-def]
+    """While an answer streams, Ctrl-C only sets a flag and asks the runtime to stop before its next
+    decode step. A KeyboardInterrupt raised asynchronously can land inside one of llama-cpp-python's
+    ctypes callbacks (its sampler), where ctypes prints and swallows it and the answer runs on.
+    Off the main thread: signals stay as they are."""
+    stop = threading.Event()
+
+    def on_sigint(*_: object) -> None:
+        stop.set()
+        llm.request_stop()
+
+    try:
+        prev = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, prev)
+        llm.clear_stop()  # a Ctrl-C after the last step must not stop the next answer
 
 
 def status_line(rec: GenerationRecord, llm) -> str:  # type: ignore[no-untyped-def]
@@ -54,16 +81,19 @@ class ChatSession:
             stream(self.llm, messages=self.messages, sampling=self.sampling)
         parts: list[str] = []
         last: GenerationRecord | None = None
-        try:
-            for rec in gen:
-                if rec.text:
-                    parts.append(rec.text)
-                    self.out.write(rec.text)
-                    self.out.flush()
-                last = rec
-        except KeyboardInterrupt:
-            gen.close()
-            self.err.write("\n[stopped]\n")
+        with _ctrl_c_as_flag(self.llm) as stop:
+            try:
+                for rec in gen:
+                    if rec.text:
+                        parts.append(rec.text)
+                        self.out.write(rec.text)
+                        self.out.flush()
+                    last = rec
+                    if stop.is_set():
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                gen.close()
+                self.err.write("\n[stopped]\n")
         self.out.write("\n")
         self.out.flush()
         reply = "".join(parts)

@@ -187,6 +187,7 @@ class SwapMoELlama(Llama):
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts,
                                          n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info)
         self.policy = self._make_policy(policy, scheduler)
+        self._stop = threading.Event()
         self.commit_rate = (scheduler or SchedulerConfig()).commit_rate
         self._commit_credit = 0.0
         # The tap asks for router nodes only while `tap.enabled` (policies that score experts).
@@ -235,7 +236,19 @@ class SwapMoELlama(Llama):
         self.telemetry_ = Telemetry()  # calibration is not part of serving
 
     # hooks (decoding thread) -------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Stop the generation in progress before its next decode step (raises KeyboardInterrupt
+        there, out of llama-cpp-python's loop). Safe to call from a signal handler or another thread."""
+        self._stop.set()
+
+    def clear_stop(self) -> None:
+        """Forget a stop request that arrived after the generation had ended."""
+        self._stop.clear()
+
     def _before_decode(self) -> None:
+        if self._stop.is_set():
+            self._stop.clear()
+            raise KeyboardInterrupt
         self.policy.before_decode(self)
         if self.pending:  # commit at most `commit_rate` finished swaps per step, on average
             self._commit_credit = min(self._commit_credit + self.commit_rate, max(1.0, self.commit_rate))
