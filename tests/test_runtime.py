@@ -199,3 +199,19 @@ def test_tied_embeddings_quantized(tmp_path):
     finally:
         rt.close()
         ref.close()
+
+
+def test_request_stop_interrupts_before_the_next_step(converted):
+    rt = SwapMoELlama(str(converted["mixtral"]), **SETTINGS)
+    try:
+        rt.eval(TOKENS[:3])
+        rt.request_stop()
+        with pytest.raises(KeyboardInterrupt):
+            rt.eval([5])
+        rt.eval([5])  # the request was consumed
+        rt.request_stop()
+        rt.clear_stop()
+        rt.eval([6])
+        assert rt.n_tokens == 5
+    finally:
+        rt.close()
