@@ -264,7 +264,7 @@ class BenchOptions:
 
 
 def synthetic_model(quick: bool) -> Path:
-    """The synthetic speed model in the user cache (about 2.4 GiB; a 14 MiB one with --quick)."""
+    """The synthetic speed model in the user cache (about 2.4 GiB; 210 MiB with --quick)."""
     from .converters.synthetic import GENERATOR_VERSION, SyntheticShape, write_synthetic_moe
     from .paths import cache_dir
 
