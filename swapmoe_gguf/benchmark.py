@@ -234,7 +234,7 @@ def run_quality(model: str, text: str, budgets: list[float], *, ctx: int, chunks
     info = read_gguf(model)
     n, k = info.n_expert, info.params.n_expert_used
     cells = [(p, slots_for(b, n, k), b) for b in budgets if slots_for(b, n, k) < n for p in SPEED_POLICIES]
-    res = run_eval_cells(model, text, [(p, s) for p, s, _ in cells], ctx=ctx, chunks=chunks, threads=threads)
+    res = run_eval_cells(model, text, [(p, s, None) for p, s, _ in cells], ctx=ctx, chunks=chunks, threads=threads)
     rows = [asdict(res[0]) | {"budget_pct": 100.0}]
     rows += [asdict(r) | {"budget_pct": b} for r, (_, _, b) in zip(res[1:], cells)]
     return rows

@@ -102,9 +102,9 @@ def run_eval(path: str, text: str, *, policies: list[str], experts_per_layer: in
     return run_eval_cells(path, text, cells, ctx=ctx, chunks=chunks, threads=threads)
 
 
-def run_eval_cells(path: str, text: str, cells: list[tuple[str, int | None] | tuple[str, int | None, str | None]], *,
+def run_eval_cells(path: str, text: str, cells: list[tuple[str, int | None, str | None]], *,
                    ctx: int = 256, chunks: int | None = 16, threads: int = 2) -> list[EvalResult]:
-    """`full` (the reference), then each (policy, S[, memory budget]) cell on the same tokens."""
+    """`full` (the reference), then each (policy, S, memory budget) cell on the same tokens."""
     from .runtime import SwapMoELlama
 
     kw = dict(n_ctx=ctx + 8, n_batch=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1)
@@ -116,9 +116,8 @@ def run_eval_cells(path: str, text: str, cells: list[tuple[str, int | None] | tu
         full.close()
         del full  # before the next model measures the process's baseline
     results = [replace(ref_result, kl=0.0, top1_agreement=1.0)]
-    for policy, slots, *budget in cells:
-        llm = SwapMoELlama(path, policy=policy, experts_per_layer=slots, memory_budget=budget[0] if budget else None,
-                           **kw)
+    for policy, slots, budget in cells:
+        llm = SwapMoELlama(path, policy=policy, experts_per_layer=slots, memory_budget=budget, **kw)
         try:
             results.append(evaluate(llm, toks, reference)[0])
         finally:
