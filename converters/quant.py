@@ -37,6 +37,7 @@ OUT_TYPES: dict[str, OutType] = {t.name: t for t in (
     OutType("q4_k_m", FT.MOSTLY_Q4_K_M, Q.F16, kquant=True),
     OutType("q5_k_m", FT.MOSTLY_Q5_K_M, Q.F16, kquant=True),
     OutType("q6_k", FT.MOSTLY_Q6_K, Q.F16, kquant=True),
+    OutType("iq4_nl", FT.MOSTLY_IQ4_NL, Q.F16, kquant=True),  # llama.cpp's quantizer; no importance matrix needed
 )}
 
 

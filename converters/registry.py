@@ -81,12 +81,30 @@ def lookup(cfg: HFConfig) -> "MoEArch":
     for name in archs:
         if name in _REGISTRY:
             return _REGISTRY[name](cfg, name)
-    if cfg.get("num_local_experts", "num_experts", "n_routed_experts") in (None, 0, 1):
+    if _expert_count(cfg) in (None, 0, 1):
         raise NotMoEError(f"{cfg.path}: {', '.join(map(str, archs))} is not a Mixture-of-Experts model "
                           "(no expert count in config.json); nothing to swap, use llama.cpp directly")
     raise UnsupportedArchitectureError(
         f"{cfg.path}: architecture {', '.join(map(str, archs))} is not supported; "
         f"supported: {', '.join(supported())}")
+
+
+# Where published configs keep the routed expert count (top level, or nested as DBRX's ffn_config).
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+
+
+def _expert_count(cfg: HFConfig) -> int | None:
+    n = cfg.get(*_EXPERT_COUNT_KEYS)
+    for nested in ("ffn_config", "text_config", "moe_config"):
+        sub = cfg.data.get(nested)
+        if n is None and isinstance(sub, dict):
+            n = next((sub[k] for k in _EXPERT_COUNT_KEYS if sub.get(k) is not None), None)
+    if isinstance(n, list):  # per-layer counts (some configs): the largest
+        n = max(n) if n else None
+    try:
+        return int(n) if n is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

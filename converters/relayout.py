@@ -1,7 +1,9 @@
 """Existing llama.cpp GGUF -> swap-ready GGUF, every tensor byte unchanged.
 
 Only the placement changes (page-aligned data, tensor order kept) and the `swapmoe.*` keys are
-added. Tensor bytes are copied with `pread` in bounded chunks, so memory stays small.
+added. Tensor bytes are copied with `pread` in bounded chunks, so memory stays small. A split GGUF
+(llama.cpp's `gguf-split` shards, read whole by `read_gguf` from its first shard) becomes one file:
+tensors in shard order, the `split.*` keys dropped.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from gguf import GGUFValueType
 from ..constants import PAGE_ALIGNMENT, SwapKeys
 from ..errors import LayoutError, NotMoEError
 from ..gguf_info import GGUFInfo, dequantize
+from ..splits import SPLIT_KEYS
 from .layout import ExpertNorms, add_expert_keys, add_layout_keys, block_of, counts_for_norm, moe_layers_of
 from .writer import PlannedTensor, SwapReadyWriter
 
@@ -23,8 +26,9 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 64 << 20
 # Keys the new file sets itself.
+# `split.*`: a split GGUF becomes one file.
 _DROP = {"general.alignment", "general.architecture", SwapKeys.FORMAT_VERSION, SwapKeys.ALIGNMENT, SwapKeys.SLICES_ALIGNED,
-         SwapKeys.MOE_LAYERS, SwapKeys.EXPERT_COUNT, SwapKeys.EXPERT_NORMS, SwapKeys.SOURCE}
+         SwapKeys.MOE_LAYERS, SwapKeys.EXPERT_COUNT, SwapKeys.EXPERT_NORMS, SwapKeys.SOURCE, *SPLIT_KEYS}
 
 
 def _pread(fd: int, offset: int, n: int) -> np.ndarray:
@@ -53,8 +57,10 @@ def relayout(src: Path, dst: Path, info: GGUFInfo, progress: bool | None) -> boo
         raise NotMoEError(f"{src}: {info.arch} model without routed experts (expert_count={info.n_expert}); nothing to swap")
     w = SwapReadyWriter(dst, info.arch, PAGE_ALIGNMENT)
     _copy_kv(info, w)
-    fd = os.open(src, os.O_RDONLY)
+    fds: list[int] = []
     try:
+        for path in info.paths:  # `src` and, for a split GGUF, its other shards (TensorEntry.file)
+            fds.append(os.open(path, os.O_RDONLY))
         moe = info.moe_layers
         reuse = info.expert_norms is not None
         norms = ExpertNorms(moe, info.n_expert)
@@ -62,6 +68,7 @@ def relayout(src: Path, dst: Path, info: GGUFInfo, progress: bool | None) -> boo
             n_expert = info.n_expert if t.is_expert else 0
 
             def produce(t=t, n_expert=n_expert) -> Iterator[np.ndarray]:
+                fd = fds[t.file]
                 if n_expert:
                     step = t.nbytes // n_expert
                     for e in range(n_expert):
@@ -81,5 +88,6 @@ def relayout(src: Path, dst: Path, info: GGUFInfo, progress: bool | None) -> boo
         if not reuse:
             w.patch(SwapKeys.EXPERT_NORMS, norms.values())
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     return aligned

@@ -126,8 +126,17 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None =
     return MemoryPlan(
         baseline=psutil.Process().memory_info().rss if baseline is None else baseline,
         non_expert=info.non_expert_bytes, rows=rows, kv_cache=kv, compute=compute,
-        staging=staging_buffers * max(per_layer.values()), per_slot=sum(per_layer.values()),
+        staging=(staging_buffers + _repack_scratch(info)) * max(per_layer.values()), per_slot=sum(per_layer.values()),
         slots=p.n_expert, n_expert=p.n_expert, top_k=p.n_expert_used)
+
+
+def _repack_scratch(info: GGUFInfo) -> int:
+    """Experts' worth of scratch the CPU repack path keeps (repack.py: one expert tensor per type and
+    shape, together at most one expert): 1 when an expert tensor has a type ggml-cpu may repack."""
+    from gguf import GGMLQuantizationType as Q
+
+    repackable = {Q.Q4_0, Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.MXFP4}
+    return int(any(t.qtype in repackable for t in info.expert_tensors))
 
 
 def plan_slots(mem: MemoryPlan, budget: Budget | None, experts_per_layer: int | None) -> MemoryPlan:

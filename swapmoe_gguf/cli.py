@@ -38,7 +38,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     from .gguf_info import read_gguf
     from .inspect import render, summary
 
-    s = summary(read_gguf(a.model))
+    s = summary(read_gguf(a.model, partial=True))  # a split GGUF with shards missing: say which
     print(json.dumps(s, indent=2) if a.json else render(s))
     return 0
 
@@ -57,10 +57,10 @@ def _cmd_plan(a: argparse.Namespace) -> int:
 
     baseline = psutil.Process().memory_info().rss  # before profiling builds (and frees) models
     info = read_gguf(a.model)
-    if info.layout_problem():
+    if info.run_problem():  # not swap-ready is fine: the runtime reads such a GGUF in place
         from .errors import LayoutError
 
-        raise LayoutError(f"{a.model}: not a swap-ready GGUF ({info.layout_problem()}); run `swapmoe convert` first")
+        raise LayoutError(f"{a.model}: cannot run this GGUF ({info.run_problem()})")
     budget = parse_budget(a.memory_budget) if a.memory_budget else None
     threads = a.threads or max(1, (os.cpu_count() or 2) // 2)
     prof = load_or_measure(info, threads=threads, n_gpu_layers=a.n_gpu_layers, refresh=a.reprofile)
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="Hugging Face checkpoint directory, or an existing .gguf to re-lay out")
     c.add_argument("-o", "--output", required=True, help="output .gguf path")
     c.add_argument("--type", default=None, metavar="TYPE",
-                   help="f32, f16 (default), bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k (HF checkpoints only)")
+                   help="f32, f16 (default), bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, iq4_nl (HF checkpoints only)")
     c.add_argument("--force", action="store_true", help="overwrite an existing output")
     c.add_argument("-t", "--threads", type=int, default=0, help="threads for llama.cpp's K-quantizer")
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_inspect)
 
     pl = sub.add_parser("plan", help="profile this device and plan S, F, Q for a memory budget")
-    pl.add_argument("model", help="swap-ready .gguf")
+    pl.add_argument("model", help=".gguf: swap-ready, as downloaded, or the first shard of a split set")
     pl.add_argument("--memory-budget", default=None, help="e.g. 4GiB, 4G, 3000MiB, 75%%")
     pl.add_argument("--experts-per-layer", type=int, default=None, help="S directly (top-k <= S <= n_expert)")
     pl.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length the plan is for")
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
 
     ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the full model")
-    ev.add_argument("-m", "--model", default=None, help="swap-ready .gguf (default: the embedded default model)")
+    ev.add_argument("-m", "--model", default=None, help=".gguf, swap-ready or as downloaded (default: the embedded default model)")
     ev.add_argument("--text", required=True, help="plain-text file to evaluate on")
     ev.add_argument("--policy", action="append", choices=("swapmoe", "static", "exact", "full"),
                     help="policy to evaluate (repeatable; default swapmoe and static); full is the reference")

@@ -33,4 +33,4 @@ class SwapKeys:
 
 
 # Conversion output types accepted by `--type`, mapped to llama.cpp file types.
-OUTPUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+OUTPUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl")

@@ -1,11 +1,13 @@
-"""Expert store: reads one expert's bytes (all its tensors in one layer) from a swap-ready GGUF.
+"""Expert store: reads one expert's bytes (all its tensors in one layer) from a GGUF.
 
 Reads use `os.preadv` into reusable staging buffers on one background thread (the read
 releases the GIL, so decoding continues). When every expert slice is page-aligned (the
 swap-ready layout) they use O_DIRECT into page-aligned buffers: the disk DMAs straight into the
 buffer, no CPU copies the bytes and the page cache is left alone. Otherwise (or where O_DIRECT
 is refused) reads are buffered and `posix_fadvise(DONTNEED)` drops the pages afterwards, so the
-page cache does not quietly hold the whole model. A read error or short read raises
+page cache does not quietly hold the whole model. A GGUF that was not converted (llama.cpp's
+32-byte alignment, possibly split into shards) is read in place the same way, buffered: one
+descriptor per shard, each tensor read from the file it is in. A read error or short read raises
 `ExpertReadError` from the future; callers keep the experts they have.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .errors import SwapMoEError
 from .gguf_info import GGUFInfo, TensorEntry
 
 log = logging.getLogger(__name__)
+_told_in_place: set[str] = set()  # files whose in-place (unconverted) reads were logged once
 
 
 class ExpertReadError(SwapMoEError):
@@ -95,13 +98,27 @@ class ExpertStore:
         self.layers: dict[int, list[TensorEntry]] = {l: info.layer_expert_tensors(l) for l in info.moe_layers}
         self.expert_nbytes = {l: sum(t.expert_nbytes for t in ts) for l, ts in self.layers.items()}
         self.max_expert_nbytes = max(self.expert_nbytes.values())
-        self.fd = os.open(self.path, os.O_RDONLY)
-        self.direct_fd = -1
-        if info.slices_aligned and hasattr(os, "O_DIRECT"):
-            try:
-                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-            except OSError:  # e.g. tmpfs: no O_DIRECT
-                self.direct_fd = -1
+        self.paths = list(info.paths)  # shards of a split GGUF; TensorEntry.file indexes them
+        self.fds: list[int] = []
+        self.direct_fds: list[int] = []
+        try:
+            for p in self.paths:
+                self.fds.append(os.open(p, os.O_RDONLY))
+            if info.slices_aligned and hasattr(os, "O_DIRECT"):
+                for p in self.paths:
+                    try:
+                        self.direct_fds.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
+                    except OSError:  # e.g. tmpfs: no O_DIRECT
+                        self.direct_fds.append(-1)
+        except OSError:
+            self._close_fds()
+            raise
+        if not self.direct_fds:
+            self.direct_fds = [-1] * len(self.paths)
+        if info.layout_problem() and str(self.path) not in _told_in_place:
+            _told_in_place.add(str(self.path))
+            log.info("%s is not swap-ready (%s): reading experts in place, buffered; `swapmoe convert %s -o NEW.gguf` "
+                     "gives page-aligned O_DIRECT reads", self.path, info.layout_problem(), self.path)
         self.stats = StoreStats()
         # A fixed pool of staging buffers bounds the memory of in-flight swaps. Anonymous maps are
         # page-aligned, as O_DIRECT needs.
@@ -114,24 +131,42 @@ class ExpertStore:
         self._pool = _ReadThread()
         self._warned = False
 
+    # compatibility: the first (or only) file's descriptors
+    @property
+    def fd(self) -> int:
+        return self.fds[0] if self.fds else -1
+
+    @property
+    def direct_fd(self) -> int:
+        return self.direct_fds[0] if self.direct_fds else -1
+
+    def pread(self, offset: int, n: int, file: int = 0) -> np.ndarray:
+        """`n` bytes at `offset` of file `file` (buffered), or ExpertReadError on a short read."""
+        buf = np.empty(n, dtype=np.uint8)
+        if n and os.preadv(self.fds[file], [buf], offset) != n:
+            raise ExpertReadError(f"{self.paths[file]}: short read of {n} bytes at {offset} (file truncated?)")
+        return buf
+
     def read_slice(self, t: TensorEntry, expert: int, out: np.ndarray) -> None:
         start, end = t.expert_range(expert)
-        if self.direct_fd >= 0 and out.ctypes.data % mmap.PAGESIZE == 0:
+        f = t.file
+        if self.direct_fds[f] >= 0 and out.ctypes.data % mmap.PAGESIZE == 0:
             try:
-                got = os.preadv(self.direct_fd, [out], start)
+                got = os.preadv(self.direct_fds[f], [out], start)
                 if got == end - start:
                     return
             except OSError as e:
                 if e.errno != 22:  # EINVAL: this file system wants other alignment; fall back for good
                     raise
-                log.info("O_DIRECT refused for %s; using buffered reads", self.path)
-                os.close(self.direct_fd)
-                self.direct_fd = -1
-        got = os.preadv(self.fd, [out], start)
+                log.info("O_DIRECT refused for %s; using buffered reads", self.paths[f])
+                os.close(self.direct_fds[f])
+                self.direct_fds[f] = -1
+        got = os.preadv(self.fds[f], [out], start)
         if got != end - start:
-            raise ExpertReadError(f"{self.path}: short read of {t.name} expert {expert}: {got} of {end - start} bytes")
+            raise ExpertReadError(f"{self.paths[f]}: short read of {t.name} expert {expert}: "
+                                  f"{got} of {end - start} bytes")
         if self.drop_cache:
-            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.fds[f], start, end - start, os.POSIX_FADV_DONTNEED)
 
     def read(self, layer: int, expert: int, timeout: float | None = None) -> StagedExpert:
         """Read synchronously into a staging buffer (blocks until one is free)."""
@@ -169,9 +204,12 @@ class ExpertStore:
         """Give a staging buffer back once its bytes are committed (or dropped)."""
         self._free.put(staged.buf)
 
-    def close(self) -> None:
-        self._pool.shutdown()
-        for fd in (self.fd, self.direct_fd):
+    def _close_fds(self) -> None:
+        for fd in (*self.fds, *self.direct_fds):
             if fd >= 0:
                 os.close(fd)
-        self.fd = self.direct_fd = -1
+        self.fds, self.direct_fds = [], []
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        self._close_fds()

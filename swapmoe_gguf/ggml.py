@@ -53,12 +53,14 @@ class GGML:
     def __init__(self) -> None:
         import llama_cpp
 
-        libdir = Path(llama_cpp.__file__).parent / "lib"
+        self.libdir = libdir = Path(llama_cpp.__file__).parent / "lib"
         self.lib = lib = ctypes.CDLL(str(libdir / "libggml-base.so"))
         sig = {
             "gguf_init_from_file": (ctypes.c_void_p, [ctypes.c_char_p, _GGUFInitParams]),
             "gguf_free": (None, [ctypes.c_void_p]),
             "gguf_set_val_u32": (None, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]),
+            "gguf_set_arr_data": (None, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p,
+                                         ctypes.c_size_t]),
             "gguf_find_key": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_char_p]),
             "ggml_get_name": (ctypes.c_void_p, [ctypes.c_void_p]),
             "ggml_get_data": (ctypes.c_void_p, [ctypes.c_void_p]),
@@ -73,11 +75,27 @@ class GGML:
             "ggml_set_name": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
             "gguf_add_tensor": (None, [ctypes.c_void_p, ctypes.c_void_p]),
             "gguf_find_tensor": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_char_p]),
+            "ggml_op_desc": (ctypes.c_char_p, [ctypes.c_void_p]),
+            # buffers (the CPU repack path, repack.py)
+            "ggml_backend_buft_name": (ctypes.c_char_p, [ctypes.c_void_p]),
+            "ggml_backend_buft_alloc_buffer": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+            "ggml_backend_buffer_free": (None, [ctypes.c_void_p]),
+            "ggml_backend_buffer_get_base": (ctypes.c_void_p, [ctypes.c_void_p]),
+            "ggml_backend_buffer_get_type": (ctypes.c_void_p, [ctypes.c_void_p]),
+            "ggml_backend_buffer_init_tensor": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]),
+            "ggml_backend_tensor_alloc": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
         }
         for name, (res, args) in sig.items():
             f = getattr(lib, name)
             f.restype, f.argtypes = res, args
         self._checked = False
+
+    @staticmethod
+    def init_params(mem_size: int, no_alloc: bool = True) -> "_GGMLInitParams":
+        return _GGMLInitParams(mem_size, None, no_alloc)
+
+    def buft_name(self, buft: int) -> str:
+        return (self.lib.ggml_backend_buft_name(buft) or b"").decode()
 
     # gguf ------------------------------------------------------------------------------
     def gguf_open_meta(self, path: str) -> int:
@@ -89,6 +107,11 @@ class GGML:
 
     def gguf_set_u32(self, ctx: int, key: str, value: int) -> None:
         self.lib.gguf_set_val_u32(ctx, key.encode(), value)
+
+    def gguf_set_array(self, ctx: int, key: str, gguf_type: int, values: np.ndarray) -> None:
+        """Replace an array value (`gguf_type`: GGUF's element type; `values` already of that width)."""
+        values = np.ascontiguousarray(values)
+        self.lib.gguf_set_arr_data(ctx, key.encode(), gguf_type, values.ctypes.data, values.size)
 
     def gguf_free(self, ctx: int) -> None:
         self.lib.gguf_free(ctx)
@@ -119,6 +142,15 @@ class GGML:
 
     def name(self, ptr: int) -> str:
         return ctypes.string_at(self.lib.ggml_get_name(ptr)).decode()
+
+    def op_desc(self, ptr: int) -> str:
+        """The node's operation: "MUL_MAT", "SOFT_MAX", ...; a unary op's own name ("SIGMOID")."""
+        return (self.lib.ggml_op_desc(ptr) or b"").decode()
+
+    def op_params_f32(self, ptr: int, n: int = 2) -> tuple[float, ...]:
+        """The first `n` op parameters read as f32 (ggml_scale keeps its factor there)."""
+        raw = np.array(list(self.tensor(ptr).op_params[:n]), dtype=np.int32)
+        return tuple(float(v) for v in raw.view(np.float32))
 
     def nbytes(self, ptr: int) -> int:
         return int(self.lib.ggml_nbytes(ptr))

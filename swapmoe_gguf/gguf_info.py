@@ -10,13 +10,14 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from .constants import EXPERT_TENSOR_MARK, FORMAT_VERSION, PAGE_ALIGNMENT, SwapKeys
 from .errors import GGUFFormatError
+from .splits import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT, SplitState, shard_path, shard_paths, split_prefix
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
 
@@ -27,8 +28,9 @@ class TensorEntry:
     shape: tuple[int, ...]  # numpy order: outermost first, e.g. [n_expert, n_ff, n_embd]
     qtype: GGMLQuantizationType
     nbytes: int
-    offset: int             # absolute byte offset of the data in the file
+    offset: int             # absolute byte offset of the data in its file
     n_expert: int = 0       # > 0 for stacked expert tensors
+    file: int = 0           # index into GGUFInfo.paths (shard of a split GGUF; 0 for a single file)
 
     @property
     def is_expert(self) -> bool:
@@ -64,12 +66,19 @@ class ModelParams:
     n_embd_head_v: int
     n_vocab: int
     n_ff_exp: int
+    n_expert_groups: int = 1   # DeepSeek-V3-style expert groups (llama.cpp: expert_group_count)
+    n_group_used: int = 1
 
 
 class GGUFInfo:
-    def __init__(self, path: Path, reader: GGUFReader):
+    def __init__(self, path: Path, reader: GGUFReader, shards: Sequence[tuple[Path, GGUFReader]] = (),
+                 split: SplitState | None = None):
         self.path, self.reader = path, reader
-        self.file_size = path.stat().st_size
+        # every file holding tensors: `path` first, then the other shards of a split GGUF (in order)
+        self.paths: list[Path] = [path, *(p for p, _ in shards)]
+        self.file_sizes: list[int] = [p.stat().st_size for p in self.paths]
+        self.file_size = self.file_sizes[0]
+        self.split = split or SplitState()
         self.arch = self.str("general.architecture")
         self.params = ModelParams(
             arch=self.arch,
@@ -84,19 +93,27 @@ class GGUFInfo:
             n_embd_head_v=self.int(f"{self.arch}.attention.value_length", 0) or self._head_dim(),
             n_vocab=self._array_len("tokenizer.ggml.tokens") or self.int(f"{self.arch}.vocab_size", 0),
             n_ff_exp=self.int(f"{self.arch}.expert_feed_forward_length", 0) or self.int(f"{self.arch}.feed_forward_length", 0),
+            n_expert_groups=max(1, self.int(f"{self.arch}.expert_group_count", 1)),
+            n_group_used=max(1, self.int(f"{self.arch}.expert_group_used_count", 1)),
         )
         self.n_expert = self.params.n_expert
         self.alignment = int(reader.alignment)
         self.tensors: list[TensorEntry] = []
-        for t in reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            nbytes, off = int(t.n_bytes), int(t.data_offset)
-            if off + nbytes > self.file_size:
-                raise GGUFFormatError(f"{path}: truncated GGUF: tensor {t.name} ends at byte {off + nbytes}, "
-                                      f"file has {self.file_size}")
-            n_exp = self.n_expert if (EXPERT_TENSOR_MARK in t.name and self.n_expert >= 2
-                                      and len(shape) >= 2 and shape[0] == self.n_expert) else 0
-            self.tensors.append(TensorEntry(t.name, shape, GGMLQuantizationType(int(t.tensor_type)), nbytes, off, n_exp))
+        seen: set[str] = set()
+        for i, (fpath, r) in enumerate([(path, reader), *shards]):
+            for t in r.tensors:
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                nbytes, off = int(t.n_bytes), int(t.data_offset)
+                if off + nbytes > self.file_sizes[i]:
+                    raise GGUFFormatError(f"{fpath}: truncated GGUF: tensor {t.name} ends at byte {off + nbytes}, "
+                                          f"file has {self.file_sizes[i]}")
+                if t.name in seen:
+                    raise GGUFFormatError(f"{fpath}: tensor {t.name} appears twice in the shard set")
+                seen.add(t.name)
+                n_exp = self.n_expert if (EXPERT_TENSOR_MARK in t.name and self.n_expert >= 2
+                                          and len(shape) >= 2 and shape[0] == self.n_expert) else 0
+                self.tensors.append(TensorEntry(t.name, shape, GGMLQuantizationType(int(t.tensor_type)), nbytes, off,
+                                                n_exp, i))
 
     def _array_len(self, key: str) -> int:
         f = self.reader.fields.get(key)
@@ -124,8 +141,8 @@ class GGUFInfo:
 
     def int(self, key: str, default: int | None = None) -> int:
         v = self.get(key, default)
-        if isinstance(v, list):  # per-layer arrays (e.g. head counts): the first layer's value
-            v = v[0] if v else default
+        if isinstance(v, list):  # per-layer arrays (e.g. head counts): the largest (0 = none in a layer)
+            v = max(v) if v else default
         if v is None:
             raise GGUFFormatError(f"{self.path}: missing metadata key {key}")
         try:
@@ -165,11 +182,18 @@ class GGUFInfo:
 
     @cached_property
     def expert_norms(self) -> np.ndarray | None:
-        """[n_moe_layer, n_expert] ||E_i|| from the converter, or None."""
+        """[n_moe_layer, n_expert] ||E_i|| from the converter (or `set_expert_norms`), or None."""
         v = self.get(SwapKeys.EXPERT_NORMS)
         if v is None or len(v) != len(self.moe_layers) * self.n_expert:
             return None
         return np.asarray(v, dtype=np.float32).reshape(len(self.moe_layers), self.n_expert)
+
+    def set_expert_norms(self, norms: np.ndarray) -> None:
+        """Norms computed outside the file (a GGUF run in place, see `norms_cache`)."""
+        norms = np.asarray(norms, dtype=np.float32)
+        if norms.shape != (len(self.moe_layers), self.n_expert):
+            raise ValueError(f"expert norms of shape {norms.shape}, expected {(len(self.moe_layers), self.n_expert)}")
+        self.__dict__["expert_norms"] = norms
 
     # layout ------------------------------------------------------------------------------
     @property
@@ -214,9 +238,15 @@ class GGUFInfo:
                     "attention.key_length", "attention.value_length", "rope.dimension_count",
                     "expert_feed_forward_length", "expert_shared_feed_forward_length", "context_length"):
             v = self.get(f"{a}.{key}")
-            vals = v if isinstance(v, list) else [v]
-            if v is not None and not all(isinstance(x, int) and 0 < x < 1 << 24 for x in vals):
+            if isinstance(v, list):  # per-layer (hybrid models): 0 = no attention / FFN in that layer
+                if not (v and all(isinstance(x, int) and 0 <= x < 1 << 24 for x in v)):
+                    raise GGUFFormatError(f"{self.path}: {a}.{key} is {v!r}, expected sizes per layer "
+                                          "(0 for a layer without it)")
+            elif v is not None and not (isinstance(v, int) and 0 < v < 1 << 24):
                 raise GGUFFormatError(f"{self.path}: {a}.{key} is {v!r}, expected a positive size")
+        if a in _GATING_KEY_REQUIRED and self.get(f"{a}.expert_gating_func") is None:
+            raise GGUFFormatError(f"{self.path}: {a} without {a}.expert_gating_func: llama.cpp cannot route its "
+                                  "experts (its graph aborts); the converter that wrote this file left the key out")
         if not 0 < self.params.n_expert_used <= self.n_expert:
             raise GGUFFormatError(f"{self.path}: {a}.expert_used_count {self.params.n_expert_used} for "
                                   f"{self.n_expert} experts")
@@ -230,10 +260,28 @@ class GGUFInfo:
             if n and n != len(tokens):
                 raise GGUFFormatError(f"{self.path}: {key} has {n} entries for {len(tokens)} tokens")
 
-    def layout_problem(self) -> str | None:
-        """Why this file is not swap-ready, or None."""
+    def run_problem(self) -> str | None:
+        """Why the runtime cannot run this file even in place (reading experts where they are), or None."""
+        if self.split.problem:
+            return self.split.problem
         if self.n_expert < 2 or not self.expert_tensors:
             return "not a Mixture-of-Experts model (no stacked expert tensors)"
+        if self.format_version is not None and self.format_version != FORMAT_VERSION:
+            return f"swapmoe format version {self.format_version}, this build reads {FORMAT_VERSION}"
+        return None
+
+    @property
+    def runnable_in_place(self) -> bool:
+        """Runnable, but not swap-ready: experts are read where they are (buffered, unaligned)."""
+        return self.run_problem() is None and self.layout_problem() is not None
+
+    def layout_problem(self) -> str | None:
+        """Why this file is not swap-ready (one page-aligned file with swapmoe metadata), or None."""
+        problem = self.run_problem()
+        if problem:
+            return problem
+        if self.split.is_split:
+            return f"split into {self.split.count} files (`swapmoe convert` joins them into one swap-ready file)"
         if self.format_version is None:
             return "no swapmoe metadata (convert it with `swapmoe convert`)"
         if self.format_version != FORMAT_VERSION:
@@ -243,6 +291,11 @@ class GGUFInfo:
         if self.expert_norms is None:
             return "expert norms missing or of the wrong length"
         return None
+
+
+# Architectures whose llama.cpp graph takes the gating function from the file with no default
+# (llama.cpp's load_arch_hparams reads it as optional, then build_moe_ffn aborts on "none").
+_GATING_KEY_REQUIRED = frozenset({"dots1", "minimax-m2", "smallthinker", "hy_v4"})
 
 
 def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
@@ -332,8 +385,7 @@ def _prescan(path: Path, f: Any) -> None:
         take(4 + 8)
 
 
-def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
-    p = Path(path)
+def _open(p: Path) -> GGUFReader:
     if p.is_dir():
         raise GGUFFormatError(f"{p}: is a directory, expected a .gguf file")
     if not p.is_file():
@@ -347,10 +399,80 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
         raise GGUFFormatError(f"{p}: not a GGUF file (magic {magic!r})")
     prescan(p)
     try:
-        reader = GGUFReader(p)
+        return GGUFReader(p)
     except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
         raise GGUFFormatError(f"{p}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+
+
+def _split_int(p: Path, reader: GGUFReader, key: str) -> int | None:
+    f = reader.fields.get(key)
+    if f is None:
+        return None
     try:
-        return GGUFInfo(p, reader)
+        v = f.contents()
+    except (UnicodeDecodeError, ValueError, IndexError):
+        v = None
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+        raise GGUFFormatError(f"{p}: metadata key {key} should be a non-negative integer, got {v!r}")
+    return int(v)
+
+
+def _read_split(p: Path, reader: GGUFReader) -> tuple[list[tuple[Path, GGUFReader]], SplitState]:
+    """The other shards of a split GGUF whose first shard is `p`, and what is missing or inconsistent.
+    A non-first shard is refused outright (it has no metadata to show)."""
+    count = _split_int(p, reader, SPLIT_COUNT) or 1
+    no = _split_int(p, reader, SPLIT_NO) or 0
+    st = SplitState(no=no, count=count, tensors_count=_split_int(p, reader, SPLIT_TENSORS_COUNT))
+    if count <= 1:
+        return [], st
+    if no >= count:
+        raise GGUFFormatError(f"{p}: split.no {no} for split.count {count}")
+    if no != 0:
+        prefix = split_prefix(p, no, count)
+        first = shard_path(prefix, 0, count) if prefix else f"the *-00001-of-{count:05d}.gguf file"
+        raise GGUFFormatError(f"{p}: shard {no + 1} of {count} of a split GGUF; give its first shard: {first}")
+    paths = shard_paths(p, count)
+    st.present = [p]
+    if paths is None:
+        st.problem = (f"{p}: shard 1 of {count} of a split GGUF, but its name does not end in "
+                      f"-00001-of-{count:05d}.gguf, so the other shards cannot be found")
+        return [], st
+    st.paths = paths
+    shards: list[tuple[Path, GGUFReader]] = []
+    for i, sp in enumerate(paths[1:], 1):
+        if not sp.is_file():
+            st.missing.append(sp)
+            st.problem = st.problem or f"{p}: shard {i + 1} of {count} is missing: {sp}"
+            continue
+        r = _open(sp)
+        c, n = _split_int(sp, r, SPLIT_COUNT), _split_int(sp, r, SPLIT_NO)
+        if c != count or n != i:
+            st.missing.append(sp)
+            st.problem = st.problem or (f"{sp}: split.no {n} of split.count {c}, but the first shard {p.name} "
+                                        f"expects shard {i} of {count}")
+            continue
+        shards.append((sp, r))
+        st.present.append(sp)
+    if len(st.missing) > 1 and st.problem:
+        st.problem += f" ({len(st.missing)} of {count} shards missing or inconsistent)"
+    if st.problem is None and st.tensors_count is not None:
+        n_tensors = len(reader.tensors) + sum(len(r.tensors) for _, r in shards)
+        if n_tensors != st.tensors_count:
+            st.problem = (f"{p}: the {count} shards hold {n_tensors} tensors, "
+                          f"split.tensors.count says {st.tensors_count}")
+    return shards, st
+
+
+def read_gguf(path: str | os.PathLike[str], *, partial: bool = False) -> GGUFInfo:
+    """Read a GGUF; for the first shard of a split GGUF, the whole set. A missing or inconsistent
+    shard raises (naming it) unless `partial` (inspect), which reads what is there and records the
+    problem in `info.split` (`run_problem()` and `layout_problem()` then report it)."""
+    p = Path(path)
+    reader = _open(p)
+    shards, split = _read_split(p, reader)
+    if split.problem and not partial:
+        raise GGUFFormatError(split.problem)
+    try:
+        return GGUFInfo(p, reader, shards, split)
     except (ValueError, TypeError, IndexError) as e:
         raise GGUFFormatError(f"{p}: corrupt GGUF metadata ({e})") from None

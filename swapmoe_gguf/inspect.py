@@ -19,9 +19,13 @@ def fmt_bytes(n: float) -> str:
 def summary(info: GGUFInfo) -> dict[str, Any]:
     p = info.params
     problem = info.layout_problem()
+    sp = info.split
     return {
         "file": str(info.path),
-        "file_bytes": info.file_size,
+        "file_bytes": sum(info.file_sizes),
+        # a split GGUF (gguf-split shards): which one this is, which are present, which missing
+        "split": {"shard": sp.no + 1, "count": sp.count, "present": [str(x) for x in sp.present],
+                  "missing": [str(x) for x in sp.missing], "complete": sp.problem is None} if sp.is_split else None,
         "architecture": info.arch,
         "source": info.get(SwapKeys.SOURCE),
         "layers": p.n_layer,
@@ -36,6 +40,9 @@ def summary(info: GGUFInfo) -> dict[str, Any]:
         "alignment": info.alignment,
         "swap_ready": problem is None,
         "swap_ready_problem": problem,
+        # runs as SwapMoE without converting (experts read in place, buffered), when not swap-ready
+        "runs_in_place": problem is not None and info.run_problem() is None,
+        "run_problem": info.run_problem(),
         "slices_page_aligned": info.slices_aligned,
         "unaligned_reason": info.unaligned_reason(),
         "min_weight_bytes_topk": info.weight_bytes_with(p.n_expert_used),
@@ -46,8 +53,19 @@ def summary(info: GGUFInfo) -> dict[str, Any]:
 def render(s: dict[str, Any]) -> str:
     ready = ("yes" + (", every expert slice page-aligned" if s["slices_page_aligned"] else
                       f", but {s['unaligned_reason']}")) if s["swap_ready"] else f"no: {s['swap_ready_problem']}"
+    if s.get("runs_in_place"):
+        ready += "; runs in place (experts read buffered; `swapmoe convert` gives page-aligned O_DIRECT reads)"
+    sp = s.get("split")
     rows = [
-        ("file", f"{s['file']} ({fmt_bytes(s['file_bytes'])})"),
+        ("file", f"{s['file']} ({fmt_bytes(s['file_bytes'])}"
+                 + (f" in {len(sp['present'])} of {sp['count']} shards)" if sp else ")")),
+    ]
+    if sp:
+        shards = f"shard {sp['shard']} of {sp['count']}; present: {', '.join(_name(x) for x in sp['present'])}"
+        if sp["missing"]:
+            shards += f"; MISSING: {', '.join(_name(x) for x in sp['missing'])} (sizes below cover present shards only)"
+        rows.append(("split", shards))
+    rows += [
         ("architecture", s["architecture"] + (f" (from {s['source']})" if s["source"] else "")),
         ("layers", f"{s['layers']} ({s['moe_layers']} with routed experts)"),
         ("experts", f"{s['experts']} per layer, top-{s['experts_used']} used per token"),
@@ -64,3 +82,9 @@ def render(s: dict[str, Any]) -> str:
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k + ':':<{w + 1}} {v}" for k, v in rows)
+
+
+def _name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).name

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .ggml import ggml
-from .router import RouterBatch, hit_shares, softmax
+from .router import RouterBatch
+from .routing import Routed
+from .routing import hit_shares, slot_mask_values
 from .scheduler import ImportanceScheduler, SchedulerConfig
 
 if TYPE_CHECKING:
@@ -62,10 +64,9 @@ class SwapMoEPolicy:
 
     def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None:
         n_tok = 0
-        for layer in batch.layers:
-            x_norm, probs = batch.layer(layer)
-            self.scheduler.observe(layer, x_norm, probs)
-            n_tok = max(n_tok, probs.shape[0])
+        for layer, x_norm, r in zip(batch.layers, batch.x_norm, batch.routed):
+            self.scheduler.observe_routed(layer, x_norm, r.selected, r.weights)
+            n_tok = max(n_tok, r.selected.shape[0])
         # Count every decoded token, also those of steps that scored no layer (observe_every > 1).
         new_tokens = rt.telemetry_.tokens - self._seen_tokens
         self._seen_tokens = rt.telemetry_.tokens
@@ -82,60 +83,80 @@ class SwapMoEPolicy:
 
 
 class ExactPolicy:
-    """Lossless: the full router's top-k, loaded on demand before each layer's experts run."""
+    """Lossless: the full model's experts, loaded on demand before each layer's experts run, and the
+    graph's ranking node rewritten so that it selects exactly those (see routing.slot_mask_values)."""
 
     name = "exact"
     observes = True
-    owns_hit_rate = True  # hit = top-k mass already resident BEFORE loading (after, it is always 1)
+    owns_hit_rate = True  # hit = the full model's expert weight already resident BEFORE loading
 
     def __init__(self, rt: "SwapMoELlama"):
         self.rt = rt
         self.clock = 0
         self.last_used = {l: np.zeros(rt.vmodel.slots, dtype=np.int64) for l in rt.vmodel.moe_layers}
-        self._probs: dict[int, np.ndarray] = {}
+        self._routed: dict[int, Routed] = {}
+        self._before: dict[int, list[int]] = {}  # slot map of a layer before this step's loads
         self.overflows = 0  # batches whose experts did not fit in S slots (not exact then)
+
+    def mask_node(self, layer: int) -> str:
+        """The node whose values llama.cpp ranks the slots by (rewritten with the full model's choice)."""
+        spec = self.rt.full_router.specs[layer]
+        return "probs" if spec.select == "probs" else "logits_biased" if layer in self.rt.full_router.bias else "logits"
 
     def __call__(self, kind: str, layer: int, t: int) -> None:
         rt, vm = self.rt, self.rt.vmodel
         if kind == "logits":
-            x = rt.tap.last_input()                                   # [n_tok, n_embd]
-            probs = softmax(x @ rt.tap.router_t[layer])                # [n_tok, n_expert]
-            k = vm.top_k
-            top = np.argpartition(-probs, k - 1, axis=-1)[:, :k]       # [n_tok, k]
-            mask = vm.resident_mask[rt.tap.index[layer]]
-            rt.telemetry_.add_hits(hit_shares(probs, mask, k))
-            mass = np.zeros(vm.n_expert)
-            np.add.at(mass, top.ravel(), np.take_along_axis(probs, top, -1).ravel())
-            need = [int(e) for e in np.argsort(-mass) if mass[e] > 0]  # most needed first
-            if len(need) > vm.slots:
-                self.overflows += 1
-                need = need[: vm.slots]
-            self.clock += 1
+            self._load(layer, rt.full_router.route(layer, rt.tap.last_input()))
+        if kind == self.mask_node(layer):
+            routed = self._routed.pop(layer, None)
+            if routed is None:
+                return
+            g = ggml()
             slots = vm.slot_map[layer]
-            for e in need:
-                if e in slots:
-                    self.last_used[layer][slots.index(e)] = self.clock
-            missing = [e for e in need if e not in slots]
-            if missing:
-                t0 = time.perf_counter()
-                keep = set(need)
-                victims = sorted((s for s in range(vm.slots) if slots[s] not in keep),
-                                 key=lambda s: self.last_used[layer][s])
-                for e, slot in zip(missing, victims):
-                    try:
-                        vm.swap(layer, slot, e)  # blocking read + commit: the layer waits
-                    except Exception as err:  # noqa: BLE001 - keep generating with what is resident
-                        rt.telemetry_.swap_failures += 1
-                        log.debug("exact: loading expert %d of layer %d failed: %s", e, layer, err)
-                        continue
-                    self.last_used[layer][slot] = self.clock
-                    rt.telemetry_.swaps += 1
-                rt.telemetry_.io_blocked_seconds += time.perf_counter() - t0
-            self._probs[layer] = probs
-        elif kind == "probs":
-            probs = self._probs.pop(layer, None)
-            if probs is not None:  # the full router's probabilities, in slot order: [n_tok, S]
-                ggml().set(t, np.ascontiguousarray(probs[:, vm.slot_map[layer]], dtype=np.float32))
+            ours = routed.probs if kind == "probs" else rt.full_router.logits(layer, rt.tap.last_input())
+            if kind == "probs" and rt.full_router.specs[layer].func == "softmax":
+                values = ours[:, slots]   # the full softmax, not the graph's over S slots: [n_tok, S]
+            else:
+                # the graph's own values (bit for bit what the full model computes), except in slots
+                # loaded just now: the router ran before their rows arrived
+                values = g.get_f32(t).reshape(-1, len(slots))                  # [n_tok, S]
+                fresh = [s for s, e in enumerate(slots) if self._before[layer][s] != e]
+                values[:, fresh] = ours[:, [slots[s] for s in fresh]]
+            g.set(t, slot_mask_values(routed, slots, values))
+
+    def _load(self, layer: int, routed: Routed) -> None:
+        rt, vm = self.rt, self.rt.vmodel
+        mask = vm.resident_mask[rt.tap.index[layer]]
+        rt.telemetry_.add_hits(hit_shares(routed, mask))
+        self._before[layer] = list(vm.slot_map[layer])
+        mass = np.zeros(vm.n_expert)
+        np.add.at(mass, routed.selected.ravel(), np.abs(routed.weights).ravel() + 1e-12)
+        need = [int(e) for e in np.argsort(-mass, kind="stable") if mass[e] > 0]  # most needed first
+        if len(need) > vm.slots:
+            self.overflows += 1
+            need = need[: vm.slots]
+        self.clock += 1
+        slots = vm.slot_map[layer]
+        for e in need:
+            if e in slots:
+                self.last_used[layer][slots.index(e)] = self.clock
+        missing = [e for e in need if e not in slots]
+        if missing:
+            t0 = time.perf_counter()
+            keep = set(need)
+            victims = sorted((s for s in range(vm.slots) if slots[s] not in keep),
+                             key=lambda s: self.last_used[layer][s])
+            for e, slot in zip(missing, victims):
+                try:
+                    vm.swap(layer, slot, e)  # blocking read + commit: the layer waits
+                except Exception as err:  # noqa: BLE001 - keep generating with what is resident
+                    rt.telemetry_.swap_failures += 1
+                    log.debug("exact: loading expert %d of layer %d failed: %s", e, layer, err)
+                    continue
+                self.last_used[layer][slot] = self.clock
+                rt.telemetry_.swaps += 1
+            rt.telemetry_.io_blocked_seconds += time.perf_counter() - t0
+        self._routed[layer] = routed
 
     def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None:
         pass
@@ -151,8 +172,8 @@ class _Collector(FixedPolicy):
         self.scheduler = scheduler
 
     def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None:
-        for layer in batch.layers:
-            self.scheduler.observe(layer, *batch.layer(layer))
+        for layer, x_norm, r in zip(batch.layers, batch.x_norm, batch.routed):
+            self.scheduler.observe_routed(layer, x_norm, r.selected, r.weights)
 
 
 def calibrate(rt: "SwapMoELlama", tokens: list[int]) -> dict[int, list[int]]:

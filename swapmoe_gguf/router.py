@@ -2,8 +2,10 @@
 
 llama.cpp's router only sees the resident experts (S slots). The scheduler needs the scores of
 ALL experts, so the callback asks for the `ffn_moe_logits-<il>` nodes, reads their input
-(`src[1]`, the normalised hidden states [n_tokens, n_embd]) and multiplies it by the full router
-in numpy. llama.cpp asks the callback about every graph node (`ask=true`); a small C filter
+(`src[1]`, the normalised hidden states [n_tokens, n_embd]) and routes it with the full router
+in numpy (`FullRouter`: the model's own gating, see routing.py). Once per model the tap probes
+llama.cpp's graph instead: it records every `ffn_moe_*` node (the gating spec) and every tensor the
+graph reads (so that a tensor the file lacks is known to be unused). llama.cpp asks the callback about every graph node (`ask=true`); a small C filter
 (`_evalfilter.c`, built at install) answers for the nodes we do not want, so Python runs only
 for the router nodes. Without the filter the Python callback answers everything (slower).
 Only the asked nodes split the graph.
@@ -19,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from .ggml import GGMLTensor, ggml
+from .routing import GatingSpec, GraphNode, Routed, route
 
 log = logging.getLogger(__name__)
 _NAME_OFF = GGMLTensor.name.offset
@@ -41,32 +44,37 @@ def _filter_fn() -> int | None:
 
 @dataclass
 class RouterBatch:
-    """Router scores of all MoE layers for one decode call, rows stacked layer after layer."""
+    """The full model's routing of every MoE layer scored in one decode call, in graph order."""
 
-    layers: list[int]        # MoE layer of each block of rows, in graph order
-    spans: list[slice]       # rows of each layer
-    x_norm: np.ndarray       # [rows] ||x|| of the router input
-    logits: np.ndarray       # [rows, n_expert] full router logits
-    probs: np.ndarray        # [rows, n_expert] softmax over ALL experts
+    layers: list[int]        # MoE layer of each entry
+    x_norm: list[np.ndarray]  # per layer: [n_tok] ||x|| of the router input
+    routed: list[Routed]     # per layer: selection and weights over ALL experts
 
-    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(x_norm [n_tok], probs [n_tok, n_expert]) of one layer."""
-        sl = self.spans[self.layers.index(layer)]
-        return self.x_norm[sl], self.probs[sl]
+    def layer(self, layer: int) -> tuple[np.ndarray, Routed]:
+        i = self.layers.index(layer)
+        return self.x_norm[i], self.routed[i]
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+class FullRouter:
+    """Every MoE layer's full router (all experts) and gating spec: routes tokens as the full model."""
 
+    def __init__(self, weights: dict[int, np.ndarray], top_k: int, bias: dict[int, np.ndarray] | None = None,
+                 selection_bias: dict[int, np.ndarray] | None = None):
+        # [n_embd, n_expert] views of the f32 routers (BLAS reads a transposed view as is: no second copy)
+        self.w_t = {l: np.asarray(w, dtype=np.float32).T for l, w in weights.items()}
+        self.bias = bias or {}                      # layer -> [n_expert] router bias (added to the logits)
+        self.selection_bias = selection_bias or {}  # layer -> [n_expert] exp_probs_b (ranking only)
+        self.top_k = top_k
+        self.specs: dict[int, GatingSpec] = {l: GatingSpec() for l in weights}  # until probed
 
-def hit_shares(probs: np.ndarray, resident_mask: np.ndarray, top_k: int) -> np.ndarray:
-    """Per row: share of the full router's top-k probability mass on resident experts.
-    `resident_mask` is [rows, n_expert] (or broadcastable) booleans."""
-    top = np.argpartition(-probs, top_k - 1, axis=-1)[:, :top_k]      # [rows, k]
-    mass = np.take_along_axis(probs, top, axis=-1)                     # [rows, k]
-    hit = np.take_along_axis(np.broadcast_to(resident_mask, probs.shape), top, axis=-1)
-    return (mass * hit).sum(-1) / np.maximum(mass.sum(-1), 1e-30)
+    def logits(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """[n_tok, n_expert] router logits of inputs x [n_tok, n_embd] (router bias included)."""
+        lg = x @ self.w_t[layer]
+        b = self.bias.get(layer)
+        return lg + b if b is not None else lg
+
+    def route(self, layer: int, x: np.ndarray) -> Routed:
+        return route(self.logits(layer, x), self.specs[layer], self.top_k, self.selection_bias.get(layer))
 
 
 class InGraphHook(Protocol):
@@ -77,14 +85,15 @@ class InGraphHook(Protocol):
 
 
 class RouterTap:
-    def __init__(self, router: dict[int, np.ndarray], in_graph: InGraphHook | None = None, probs: bool = False):
+    def __init__(self, router: FullRouter, in_graph: InGraphHook | None = None, probs: bool = False):
         import llama_cpp
 
-        self.router_t = {l: np.ascontiguousarray(w.T) for l, w in router.items()}  # [n_embd, n_expert]
-        self.index = {l: i for i, l in enumerate(router)}
-        self.wanted: dict[bytes, tuple[str, int]] = {f"ffn_moe_logits-{l}".encode(): ("logits", l) for l in router}
-        if in_graph is not None or probs:
-            self.wanted |= {f"ffn_moe_probs-{l}".encode(): ("probs", l) for l in router}
+        self.router = router
+        self.index = {l: i for i, l in enumerate(router.w_t)}
+        self.wanted: dict[bytes, tuple[str, int]] = {f"ffn_moe_logits-{l}".encode(): ("logits", l) for l in router.w_t}
+        if in_graph is not None or probs:  # the nodes `exact` may rewrite
+            for kind in ("probs", "logits_biased"):
+                self.wanted |= {f"ffn_moe_{kind}-{l}".encode(): (kind, l) for l in router.w_t}
         self.in_graph = in_graph
         self.enabled = True  # off: nothing is asked for (the static/full policies need no scores)
         # Score layer i on decode steps where (step + i) % stride == 0; multi-token batches always.
@@ -92,20 +101,59 @@ class RouterTap:
         self.batch_tokens = 1  # tokens of the decode call in flight (set by the runtime)
         self._seen: list[tuple[int, np.ndarray]] = []   # (layer, x [n_tok, n_embd]) of the current decode
         self.error: BaseException | None = None
-        prefix = b"ffn_moe_" if in_graph is not None or probs else _PREFIX
+        self.probed: dict[int, dict[str, GraphNode]] | None = None  # set while probing the graph
+        self.graph_inputs: set[str] = set()  # names of every tensor the probed graph reads
+        self._prefix = b"ffn_moe_" if in_graph is not None or probs else _PREFIX
         # Keep every ctypes object alive as long as the context: llama.cpp holds raw pointers.
         self.py_callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)
         fn = _filter_fn()
         if fn is None:
             self.callback, self.user_data, self._filter = self.py_callback, None, None
         else:
-            self._filter = _Filter(_NAME_OFF, prefix, len(prefix),
+            self._filter = _Filter(_NAME_OFF, self._prefix, len(self._prefix),
                                    ctypes.cast(self.py_callback, ctypes.c_void_p).value, None)
             self.callback = llama_cpp.ggml_backend_sched_eval_callback(fn)
             self.user_data = ctypes.addressof(self._filter)
 
+    # probing llama.cpp's routing graph ---------------------------------------------------------
+    def start_probe(self) -> None:
+        """Record the next graph (every node asked about, none split): the `ffn_moe_*` nodes, and the
+        names of all tensors the graph reads (so that a weight the file lacks is known to be unused)."""
+        self.probed, self.graph_inputs = {}, set()
+        if self._filter is not None:
+            self._filter.prefix, self._filter.prefix_len = b"", 0
+
+    def finish_probe(self, n_group: int = 1, n_group_used: int = 1) -> None:
+        """Set each layer's gating spec from the probed nodes; raises RoutingError if unknown."""
+        probed, self.probed = self.probed or {}, None
+        if self._filter is not None:
+            self._filter.prefix, self._filter.prefix_len = self._prefix, len(self._prefix)
+        for layer in self.router.w_t:
+            self.router.specs[layer] = GatingSpec.from_nodes(probed.get(layer, {}), n_group=n_group,
+                                                             n_group_used=n_group_used, where=f"layer {layer}: ")
+
+    def _record(self, t: int, name: bytes) -> None:
+        g = ggml()
+        base, _, il = name.decode(errors="replace").rpartition("-")
+        if not il.isdigit():
+            return
+        tt = g.tensor(t)
+        src = tuple(ctypes.string_at(p + _NAME_OFF).decode(errors="replace").rpartition("-")[0]
+                    for p in tt.src if p)
+        self.probed.setdefault(int(il), {})[base] = GraphNode(g.op_desc(t), src, g.op_params_f32(t))  # type: ignore[union-attr]
+
     def _cb(self, t: int, ask: bool, _ud: int) -> bool:
         name = ctypes.string_at(t + _NAME_OFF)
+        if self.probed is not None:
+            if ask:
+                try:
+                    src = GGMLTensor.from_address(t).src
+                    self.graph_inputs.update(ctypes.string_at(p + _NAME_OFF).decode(errors="replace") for p in src if p)
+                    if name.startswith(b"ffn_moe_"):
+                        self._record(t, name)
+                except BaseException as e:  # never raise through C
+                    self.error = e
+            return not ask
         if ask:
             if not self.enabled or name not in self.wanted:
                 return False
@@ -135,26 +183,16 @@ class RouterTap:
         return self._seen[-1][1]
 
     def take(self) -> RouterBatch | None:
-        """Scores of everything observed since the last call (one numpy pass for all layers)."""
+        """The full model's routing of everything observed since the last call, layer by layer
+        (a prompt's inputs are never concatenated: a 512-token batch of a wide model would copy
+        tens of MB; the memory budget counts the inputs once, see budget.estimate)."""
         self.step += 1
         if not self._seen:
             return None
         seen, self._seen = self._seen, []
-        if all(x.shape[0] == 1 for _, x in seen):  # decode step: one token per scored layer
-            layers = [l for l, _ in seen]
-            xa = np.concatenate([x for _, x in seen])                                   # [L, n_embd]
-            lg = np.concatenate([x @ self.router_t[l] for l, x in seen])                # [L, n_expert]
-            return RouterBatch(layers, [slice(i, i + 1) for i in range(len(layers))],
-                               np.sqrt(np.einsum("ij,ij->i", xa, xa)), lg, softmax(lg))
-        # A prompt: layer by layer, never concatenating the inputs (a 512-token batch of a wide model
-        # would copy tens of MB; the memory budget counts the inputs once, see budget.estimate).
-        layers, spans, logits, norms, row = [], [], [], [], 0
+        layers, norms, routed = [], [], []
         for layer, x in seen:
             layers.append(layer)
-            spans.append(slice(row, row + x.shape[0]))
-            row += x.shape[0]
-            logits.append(x @ self.router_t[layer])   # [n_tok, n_expert]
-            norms.append(np.sqrt(np.einsum("ij,ij->i", x, x)))
-        del seen
-        lg = np.concatenate(logits) if len(logits) > 1 else logits[0]
-        return RouterBatch(layers, spans, np.concatenate(norms), lg, softmax(lg))
+            norms.append(np.sqrt(np.einsum("ij,ij->i", x, x)))   # [n_tok]
+            routed.append(self.router.route(layer, x))
+        return RouterBatch(layers, norms, routed)

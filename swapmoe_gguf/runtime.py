@@ -31,10 +31,11 @@ from llama_cpp import Llama
 from llama_cpp import _internals as internals
 
 from .budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
-from .errors import SwapMoEError
+from .errors import LayoutError, SwapMoEError
 from .expert_store import ExpertReadError, StagedExpert
 from .gguf_info import read_gguf
-from .router import RouterBatch, RouterTap, hit_shares
+from .router import FullRouter, RouterBatch, RouterTap
+from .routing import hit_shares
 from .policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calibrate
 from .scheduler import ImportanceScheduler, SchedulerConfig
 from .telemetry import Telemetry, TelemetrySnapshot
@@ -144,7 +145,8 @@ class SwapMoELlama(Llama):
                  plan: "Plan | str | None" = None,
                  initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
-                 logits_all: bool = False, flash_attn: bool = True, verbose: bool = False, **kwargs: Any):
+                 logits_all: bool = False, flash_attn: bool = True, repack: bool = True, verbose: bool = False,
+                 **kwargs: Any):
         # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
         # the model is built before Llama.__init__ would set it.
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
@@ -160,6 +162,9 @@ class SwapMoELlama(Llama):
         if policy not in POLICIES:
             raise SwapMoEError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         info = read_gguf(model_path)
+        problem = info.run_problem()
+        if problem:  # before any sizing: a non-MoE file has no experts to budget
+            raise LayoutError(f"{model_path}: cannot run this GGUF ({problem})")
         n_expert = info.n_expert
         _single_threaded_blas()
         gc.collect()  # the baseline below is measured: release what earlier models left behind first
@@ -184,7 +189,8 @@ class SwapMoELlama(Llama):
         self.telemetry_ = Telemetry()
         self._proc = psutil.Process()
         self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
-        self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts,
+        self.repack = repack
+        self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts, repack=repack,
                                          n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info)
         self.policy = self._make_policy(policy, scheduler)
         self._stop = threading.Event()
@@ -193,7 +199,8 @@ class SwapMoELlama(Llama):
         # The tap asks for router nodes only while `tap.enabled` (policies that score experts).
         # the exact policy also needs the probability nodes: decided by what was asked for, so that a
         # budget change from `full` back to `exact` finds them
-        self.tap = RouterTap(self.vmodel.router, in_graph=self.policy if isinstance(self.policy, ExactPolicy) else None,
+        self.full_router = self._full_router()
+        self.tap = RouterTap(self.full_router, in_graph=self.policy if isinstance(self.policy, ExactPolicy) else None,
                              probs=self.requested_policy == "exact")
         self.tap.enabled = False
         self.tap.stride = (scheduler or SchedulerConfig()).observe_every if policy == "swapmoe" else 1
@@ -203,6 +210,7 @@ class SwapMoELlama(Llama):
                                  n_gpu_layers=n_gpu_layers, logits_all=logits_all, flash_attn=flash_attn,
                                  verbose=verbose, **kwargs)
             self.flash_attn = flash_attn
+            self._probe_routing()
             if policy == "static" and initial_experts is None:
                 self._calibrate(calibration)
             self.tap.enabled = self.policy.observes
@@ -212,6 +220,26 @@ class SwapMoELlama(Llama):
         self._sample_rss()
         log.info("SwapMoE (%s): %d of %d experts per layer resident; %s", policy, self.memory.slots,
                  n_expert, self.memory.parts())
+
+    def _full_router(self) -> FullRouter:
+        vm = self.vmodel
+        return FullRouter(vm.router, vm.top_k, bias=vm.router_bias, selection_bias=vm.selection_bias)
+
+    def _probe_routing(self) -> None:
+        """Read each MoE layer's gating off llama.cpp's own graph (one token, then forgotten), so that
+        the full model's routing is reproduced as llama.cpp computes it (see routing.py)."""
+        tok = self.token_bos()
+        tok = tok if 0 <= tok < self.n_vocab() else 0
+        self.tap.start_probe()
+        try:
+            self.eval([tok])
+        finally:
+            info = self.vmodel.info
+            self.tap.finish_probe(info.params.n_expert_groups, info.params.n_group_used)
+            self.reset()
+            self.telemetry_ = Telemetry()
+        self.vmodel.check_unused_absent(self.tap.graph_inputs)
+        log.debug("routing: %s", {l: s for l, s in self.full_router.specs.items()})
 
     def _make_policy(self, name: str, cfg: SchedulerConfig | None) -> ResidencyPolicy:
         vm = self.vmodel
@@ -272,16 +300,15 @@ class SwapMoELlama(Llama):
         batch = self.tap.take()
         if batch is not None:
             if not self.policy.owns_hit_rate:
-                self.telemetry_.add_hits(hit_shares(batch.probs, self._resident_rows(batch), self.vmodel.top_k))
+                self._add_hits(batch)
             self.policy.on_router(self, batch)
         self._sample_rss()
 
-    def _resident_rows(self, batch: RouterBatch) -> np.ndarray:
-        """[rows, n_expert] mask of the experts resident in each row's layer."""
-        mask = self.vmodel.resident_mask[[self.tap.index[l] for l in batch.layers]]  # [L, n_expert]
-        if len(batch.spans) == mask.shape[0] == batch.probs.shape[0]:
-            return mask
-        return np.repeat(mask, [sl.stop - sl.start for sl in batch.spans], axis=0)
+    def _add_hits(self, batch: RouterBatch) -> None:
+        """Share of the full model's expert weight on resident experts, every scored token and layer."""
+        mask = self.vmodel.resident_mask
+        shares = [hit_shares(r, mask[self.tap.index[l]]) for l, r in zip(batch.layers, batch.routed)]
+        self.telemetry_.add_hits(np.concatenate(shares) if len(shares) > 1 else shares[0])
 
     def _sample_rss(self) -> int:
         rss = self._proc.memory_info().rss
@@ -347,10 +374,15 @@ class SwapMoELlama(Llama):
         self._ctx.close()
         vm.close()
         _trim()
-        self.vmodel = VirtualExpertModel(path, new.slots, initial=initial, n_gpu_layers=ngl, staging_buffers=staging)
+        self.vmodel = VirtualExpertModel(path, new.slots, initial=initial, n_gpu_layers=ngl, staging_buffers=staging,
+                                         repack=self.repack)
         self._model.model = self.vmodel.model
         self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)
         self._ctx = _HookedContext(runtime=self, model=self._model, params=self.context_params, verbose=self.verbose)
+        specs = self.full_router.specs
+        self.full_router = self._full_router()
+        self.full_router.specs = specs  # the same file: the same gating
+        self.tap.router = self.full_router
         self.memory = new
         name = "full" if new.slots == self.vmodel.n_expert else (
             "swapmoe" if self.requested_policy == "full" else self.requested_policy)

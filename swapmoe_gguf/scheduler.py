@@ -2,8 +2,9 @@
 
 Importance of expert i in one MoE layer (SwapMoE, Kong et al. 2024, Eq. 1), over a window of
 tokens X:   I_i = sum_{x in X routed to i} ||x|| * g_i(x) * ||E_i||
-with g the FULL router's gate probability (all experts) and "routed to i" meaning i is in the
-full router's top-k for x. The window is exponential: each scored token multiplies earlier
+with g the weight the FULL model gives expert i for x (its own gate: softmax or sigmoid, biases,
+groups, normalisation and scaling, see routing.py) and "routed to i" meaning the full model selects
+i for x. The window is exponential: each scored token multiplies earlier
 contributions by `decay`, so the score's memory is about 1 / (1 - decay) tokens.
 
 Every `interval` tokens (and at each request's prefill) the scheduler proposes up to `quota`
@@ -69,14 +70,19 @@ class ImportanceScheduler:
         self._since_update = 0
 
     def observe(self, layer: int, x_norm: np.ndarray, probs: np.ndarray) -> None:
-        """Add one layer's tokens: x_norm [n_tok], probs [n_tok, n_expert] from the full router."""
-        n_tok = probs.shape[0]
+        """Add one layer's tokens routed by plain top-k of `probs` [n_tok, n_expert] (softmax routers)."""
         top = np.argpartition(-probs, self.top_k - 1, axis=-1)[:, : self.top_k]        # [n_tok, k]
-        gate = np.take_along_axis(probs, top, axis=-1) * x_norm[:, None]               # [n_tok, k]
+        self.observe_routed(layer, x_norm, top, np.take_along_axis(probs, top, axis=-1))
+
+    def observe_routed(self, layer: int, x_norm: np.ndarray, selected: np.ndarray, weights: np.ndarray) -> None:
+        """Add one layer's tokens: x_norm [n_tok], the full model's selected experts [n_tok, k] and the
+        weights it gives them [n_tok, k] (its own gate: softmax, sigmoid, normalised, scaled...)."""
+        n_tok = selected.shape[0]
+        gate = np.abs(weights) * x_norm[:, None]                                       # [n_tok, k]
         # Token t's contribution decays by decay^(n_tok-1-t) by the end of this batch.
         w = self.config.decay ** np.arange(n_tok - 1, -1, -1, dtype=np.float64)        # [n_tok]
         contrib = np.zeros(self.n_expert)
-        np.add.at(contrib, top.ravel(), (gate * w[:, None]).ravel())
+        np.add.at(contrib, selected.ravel(), (gate * w[:, None]).ravel())
         i = self.index[layer]
         self.scores[i] = self.scores[i] * self.config.decay ** n_tok + contrib * self.norms[i]
 

@@ -27,6 +27,7 @@ class ModelSettings:
     n_gpu_layers: int = 0
     batch_size: int = 512
     seed: int = -1
+    no_repack: bool = False             # llama.cpp's --no-repack: keep CPU weights in their file layout
     verbose: bool = False
 
     def load(self) -> "SwapMoELlama":
@@ -38,7 +39,8 @@ class ModelSettings:
         return SwapMoELlama(path, memory_budget=self.memory_budget, experts_per_layer=self.experts_per_layer,
                             policy=self.policy, plan=self.plan, n_ctx=self.ctx_size, n_batch=self.batch_size,
                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,
-                            seed=self.seed if self.seed >= 0 else 0xFFFFFFFF, verbose=self.verbose)
+                            seed=self.seed if self.seed >= 0 else 0xFFFFFFFF, repack=not self.no_repack,
+                            verbose=self.verbose)
 
 
 @dataclass
@@ -59,7 +61,9 @@ class SamplingSettings:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and memory")
-    g.add_argument("-m", "--model", default=None, help="swap-ready .gguf (default: the embedded default model)")
+    g.add_argument("-m", "--model", default=None,
+                   help=".gguf: swap-ready, as downloaded, or the first shard of a split set "
+                        "(default: the embedded default model)")
     g.add_argument("--memory-budget", default=None, help="whole-process memory budget: 4GiB, 4G, 3000MiB, 75%%")
     g.add_argument("--experts-per-layer", type=int, default=None, help="resident experts per layer S")
     g.add_argument("--policy", default=None, choices=("swapmoe", "static", "exact", "full"),
@@ -70,6 +74,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
     g.add_argument("-b", "--batch-size", type=int, default=512, help="prompt batch size")
     g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1: random)")
+    g.add_argument("-nr", "--no-repack", action="store_true",
+                   help="no CPU weight repacking (Q4_0/Q4_K/IQ4_NL... stay in the file's layout)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-STORIES_MOE = SHARED / "stories260K" / "stories260K-moe-copy4x2.gguf"
+DATA = REPO / "tests" / "data"  # small licensed files the tests need (see tests/data/README.md)
+STORIES_DENSE = DATA / "stories260K.gguf"
+TOK512 = DATA / "tok512.model"
+SHAKESPEARE = DATA / "tinyshakespeare-head.txt"
 
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
@@ -73,7 +75,7 @@ def make_hf_model(arch: str, directory: Path, seed: int = 0, layers: int = 2, sp
     cfg_name, model_name, extra = ARCH_CONFIGS[arch]
     directory.mkdir(parents=True, exist_ok=True)
     if spm:
-        shutil.copy(SHARED / "stories260K" / "tok512.model", directory / "tokenizer.model")
+        shutil.copy(TOK512, directory / "tokenizer.model")
         n_vocab = 512
     else:
         train_tokenizer(directory)
@@ -158,10 +160,46 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
+def make_stories_moe(dense: Path, out: Path, n_expert: int = 4, n_used: int = 2, seed: int = 0) -> Path:
+    """stories260K as a Mixtral-style MoE GGUF: every expert a copy of the dense FFN, a seeded random
+    router (N(0, 0.02)), so greedy output equals the dense model's whatever the routing. Written with
+    gguf-py; non-FFN tensors first, then per layer router, gate, up, down (llama.cpp's own order)."""
+    import gguf
+
+    r = gguf.GGUFReader(dense)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(out, arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, f.contents(), f.types[0], f.types[-1])
+        else:
+            w.add_key_value(key, f.contents(), f.types[0])
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(n_used)
+    ffn = {t.name: t for t in r.tensors if t.name.split(".")[-2] in ("ffn_gate", "ffn_up", "ffn_down")}
+    for t in r.tensors:
+        if t.name not in ffn:
+            w.add_tensor(t.name, np.array(t.data))
+    rng = np.random.default_rng(seed)
+    n_embd = int(r.fields[f"{arch}.embedding_length"].contents())
+    for il in range(int(r.fields[f"{arch}.block_count"].contents())):
+        w.add_tensor(f"blk.{il}.ffn_gate_inp.weight", (0.02 * rng.standard_normal((n_expert, n_embd))).astype(np.float32))
+        for kind in ("gate", "up", "down"):
+            dense_w = np.array(ffn[f"blk.{il}.ffn_{kind}.weight"].data)       # [n_out, n_in]
+            w.add_tensor(f"blk.{il}.ffn_{kind}_exps.weight", np.stack([dense_w] * n_expert))  # [n_expert, n_out, n_in]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 @pytest.fixture(scope="session")
-def stories_moe() -> Path:
-    assert STORIES_MOE.is_file(), f"missing {STORIES_MOE} (the repository expects ../shared beside it)"
-    return STORIES_MOE
+def stories_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama.cpp MoE GGUF (not swap-ready) built from the shipped dense stories260K."""
+    return make_stories_moe(STORIES_DENSE, tmp_path_factory.mktemp("stories") / "stories260K-moe-copy4x2.gguf")
 
 
 class HTTPResult:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, run_cli
+from conftest import STORIES_DENSE, run_cli
 from swapmoe_gguf.converters import convert
 from swapmoe_gguf.converters.safetensors_io import Checkpoint
 from swapmoe_gguf.converters.tiny_checkpoint import save_safetensors
@@ -56,6 +56,19 @@ def test_unsupported_architecture(model, tmp_path):
                    "MixtralForCausalLM", out=out)
 
 
+@pytest.mark.parametrize("arch,changes", [
+    ("DbrxForCausalLM", {"ffn_config": {"moe_num_experts": 16, "moe_top_k": 4}}),
+    ("Ernie4_5_MoeForCausalLM", {"moe_num_experts": 64, "moe_k": 6}),
+])
+def test_unsupported_moe_is_not_called_dense(model, tmp_path, arch, changes):
+    """MoE configs that keep the expert count under other keys get 'not supported', not 'not MoE'."""
+    _edit_config(model, architectures=[arch], num_local_experts=None, num_experts_per_tok=None, **changes)
+    out = tmp_path / "o.gguf"
+    r = run_cli("convert", model, "-o", out)
+    _fails_cleanly(r, arch, "not supported", out=out)
+    assert "not a Mixture-of-Experts" not in r.stderr
+
+
 def test_non_moe_checkpoint(model, tmp_path):
     _edit_config(model, architectures=["LlamaForCausalLM"], num_local_experts=None, num_experts_per_tok=None)
     out = tmp_path / "o.gguf"
@@ -63,7 +76,7 @@ def test_non_moe_checkpoint(model, tmp_path):
 
 
 def test_non_moe_gguf(tmp_path):
-    dense = SHARED / "stories260K" / "stories260K.gguf"
+    dense = STORIES_DENSE
     assert dense.is_file()
     out = tmp_path / "o.gguf"
     _fails_cleanly(run_cli("convert", dense, "-o", out), "stories260K.gguf", "experts", out=out)

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, hf_logits, llama_logits, run_cli
+from conftest import REPO, SHAKESPEARE, hf_logits, llama_logits, run_cli
 from swapmoe_gguf.converters import convert
 
-TEXT = SHARED / "corpora" / "tinyshakespeare.txt"
+TEXT = SHAKESPEARE
 
 
 @pytest.fixture(scope="module")

@@ -132,9 +132,15 @@ def test_masked_gating_matches_numpy_reference(hf_models, tmp_path, resident):
         vm.close()
 
 
-def test_not_swap_ready_file_is_refused(stories_moe):
-    with pytest.raises(LayoutError, match="swapmoe convert"):
-        SwapMoELlama(str(stories_moe), **SETTINGS)
+def test_dense_file_is_refused_in_one_line():
+    """A GGUF without routed experts: one LayoutError from the runtime, one line and exit 2 from the CLI."""
+    from conftest import STORIES_DENSE, run_cli
+
+    with pytest.raises(LayoutError, match="not a Mixture-of-Experts"):
+        SwapMoELlama(str(STORIES_DENSE), **SETTINGS)
+    r = run_cli("chat", "-m", STORIES_DENSE, "-p", "hi", "-n", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "not a Mixture-of-Experts" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("aligned", [False, True])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from swapmoe_gguf.router import softmax
+from swapmoe_gguf.routing import _softmax as softmax
 from swapmoe_gguf.scheduler import ImportanceScheduler, SchedulerConfig
 
 N, S, K = 16, 4, 2
