@@ -58,15 +58,14 @@ NOTES = {
                         "`files.empty()`) only honours TENSOR_SKIP_IF_VIRTUAL, so buft_for_tensor returns null "
                         "for SKIP (:1178) and `GGML_ASSERT(buft != nullptr)` (:1329) aborts. Same code in "
                         "deepseek2.cpp:61-66, mimo2.cpp:28-35, qwen3next.cpp:40, qwen35moe.cpp:41: real "
-                        "DeepSeek-V3/GLM-4.5/Qwen3-Next GGUFs with MTP layers abort the same way. Fix: in the "
-                        "virtual model's metadata set `<arch>.nextn_predict_layers = 0`, `block_count -= n_nextn` "
-                        "and drop the `blk.{n_layer}..` tensors (decoding never uses them). Checked by hand: this file with "
-                        "`block_count=3`, `nextn_predict_layers=0` gives stock logits identical to the original's, "
-                        "and the runtime then passes (full max diff 0, exact 3.6e-7).",
+                        "DeepSeek-V3/GLM-4.5/Qwen3-Next GGUFs with MTP layers would abort the same way. Fixed "
+                        "(vmodel.py): the slot model is built trunk-only, `<arch>.nextn_predict_layers = 0`, "
+                        "`block_count -= n_nextn`, per-layer arrays cut (decoding never uses the MTP blocks).",
     "mimo-v2-flash": "config.json gets Xiaomi's keys (`hybrid_layer_pattern`, `swa_*`, `topk_method`, flat "
                      "`rope_parameters`); the converter hard-codes 3 MTP layers (`_n_nextn = 3`, mimo.py) so "
-                     "the GGUF declares `nextn_predict_layers=3`: stock skips them, the runtime aborts as "
-                     "glm4moe-mtp-decl (mimo2.cpp:28-35).",
+                     "the GGUF declares `nextn_predict_layers=3`: stock skips them. The trunk-only build (see "
+                     "glm4moe-mtp-decl) then gets layer 1's attention size wrong (llama.cpp wants 12288 bytes "
+                     "for blk.1.attn_k, the file has 24576): refused in one line; not solved.",
     "deepseek-v3.2": "`index_head_dim` 64 (32 made stock llama.cpp abort: `ggml.c:3354: GGML_ASSERT(ggml_can_mul_mat(a, b))`).",
     "jamba": "jamba.cpp:88 creates `ffn_gate_inp` with TENSOR_NOT_REQUIRED and picks MoE vs dense per layer by its "
              "presence (jamba.cpp:90, :152). `llama_model_init_from_user` creates every optional tensor "
@@ -78,7 +77,7 @@ NOTES = {
                   "(nemotron-h.cpp:295, :320). With init_from_user they always exist; an identity matrix is the "
                   "neutral value (exact in F32, two extra n_embd x n_embd matmuls per MoE layer). Checked by hand: "
                   "this file plus F32 identity `ffn_latent_down/up` gives stock logits identical to the "
-                  "original's, and the runtime then passes (full max diff 0, exact 4.8e-7).",
+                  "original's. Now done by the runtime (vmodel.py's neutral-tensor table).",
 }
 
 

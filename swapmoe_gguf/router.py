@@ -190,9 +190,30 @@ class RouterTap:
         if not self._seen:
             return None
         seen, self._seen = self._seen, []
+        if len(seen) > 1 and all(x.shape[0] == 1 for _, x in seen):
+            return self._take_decode_step(seen)
         layers, norms, routed = [], [], []
         for layer, x in seen:
             layers.append(layer)
             norms.append(np.sqrt(np.einsum("ij,ij->i", x, x)))   # [n_tok]
             routed.append(self.router.route(layer, x))
         return RouterBatch(layers, norms, routed)
+
+    def _take_decode_step(self, seen: list[tuple[int, np.ndarray]]) -> RouterBatch:
+        """One token in several layers: route the layers' rows together when they share a gating spec
+        (one numpy pass instead of one per layer; the matmuls stay per layer, each with its router)."""
+        r = self.router
+        layers = [l for l, _ in seen]
+        if len({r.specs[l] for l in layers}) > 1:
+            return RouterBatch(layers, [np.sqrt(np.einsum("ij,ij->i", x, x)) for _, x in seen],
+                               [r.route(l, x) for l, x in seen])
+        xa = np.concatenate([x for _, x in seen])                                       # [L, n_embd]
+        lg = np.concatenate([r.logits(l, x) for l, x in seen])                          # [L, n_expert]
+        bias = None
+        if any(l in r.selection_bias for l in layers):
+            bias = np.stack([r.selection_bias.get(l, np.zeros(lg.shape[1], np.float32)) for l in layers])
+        both = route(lg, r.specs[layers[0]], r.top_k, bias)
+        norms = np.sqrt(np.einsum("ij,ij->i", xa, xa))                                  # [L]
+        return RouterBatch(layers, [norms[i:i + 1] for i in range(len(layers))],
+                           [Routed(both.probs[i:i + 1], both.selected[i:i + 1], both.weights[i:i + 1])
+                            for i in range(len(layers))])

@@ -138,8 +138,8 @@ def route(logits: np.ndarray, spec: GatingSpec, k: int, selection_bias: np.ndarr
     sel = {"probs": probs, "logits": logits}.get(spec.select)
     if sel is None:
         sel = _sigmoid(logits)
-    if spec.selection_bias and selection_bias is not None:
-        sel = sel + selection_bias.reshape(1, n_expert).astype(np.float32)
+    if spec.selection_bias and selection_bias is not None:  # [n_expert], or [n_tok, n_expert] row by row
+        sel = sel + np.asarray(selection_bias, dtype=np.float32).reshape(-1, n_expert)
     if spec.n_group > 1:
         per = n_expert // spec.n_group
         g = sel.reshape(n_tok, spec.n_group, per)                                   # [n_tok, n_group, per]

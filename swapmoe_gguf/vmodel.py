@@ -36,13 +36,19 @@ class Neutral:
 
     suffix: str
     value: float
+    identity: bool = False  # a square projection the graph always applies: the identity matrix
 
 
 # llama_model_init_from_user creates every optional tensor of the architecture; absent ones
 # must be neutral or the output is NaN. Per architecture, with a default for all.
+_DEFAULT_NEUTRAL = (Neutral(".bias", 0.0), Neutral(".input_scale", 1.0), Neutral(".scale", 1.0),
+                    Neutral("rope_freqs.weight", 1.0))
 NEUTRAL_TENSORS: dict[str, tuple[Neutral, ...]] = {
-    "default": (Neutral(".bias", 0.0), Neutral(".input_scale", 1.0), Neutral(".scale", 1.0),
-                Neutral("rope_freqs.weight", 1.0)),
+    "default": _DEFAULT_NEUTRAL,
+    # Nemotron-H MoE without a latent space (moe_latent_size 0): llama.cpp creates the latent
+    # projections as [n_embd, n_embd] and multiplies by them whenever they exist
+    "nemotron_h_moe": (*_DEFAULT_NEUTRAL, Neutral("ffn_latent_down.weight", 1.0, identity=True),
+                       Neutral("ffn_latent_up.weight", 1.0, identity=True)),
 }
 # Absent tensors that are another tensor's copy (tied embeddings).
 ALIAS_TENSORS = {"output.weight": "token_embd.weight"}
@@ -156,6 +162,9 @@ class VirtualExpertModel:
             self._meta = meta  # freed in close(): the model may reference its strings
         if self._fill_error is not None:
             self.close()
+            if nextn > 0 and isinstance(self._fill_error, ModelBuildError):
+                raise ModelBuildError(f"{info.path}: {info.arch} declares {nextn} multi-token-prediction block(s); "
+                                      f"the model without them could not be built ({self._fill_error})") from None
             raise self._fill_error
         if not self.model:
             self.close()
@@ -268,7 +277,6 @@ class VirtualExpertModel:
             raise ModelBuildError(f"{name}: llama.cpp wants {nbytes} bytes, the file has {t.nbytes}")
 
     def _fill_fused(self, tptr: int, name: str, nbytes: int) -> None:
-        g = ggml()
         gate, up = (self._by_name[n] for n in self.fused[name])
         part = gate.expert_nbytes
         if nbytes != self.slots * 2 * part:
@@ -308,7 +316,14 @@ class VirtualExpertModel:
                 g.set(tptr, np.zeros(nbytes, dtype=np.uint8))
                 self.provisional.append(name)
                 return
-            g.set(tptr, np.full(nbytes // 4, rule.value, dtype=np.float32))
+            tt = g.tensor(tptr)
+            if rule.identity and tt.ne[0] == tt.ne[1] and tt.ne[2] == tt.ne[3] == 1:
+                g.set(tptr, np.eye(tt.ne[0], dtype=np.float32))  # x @ I == x exactly in f32
+            elif rule.identity:
+                raise ModelBuildError(f"{self.info.path}: {self.info.arch}: {name} is absent and not square "
+                                      f"({tt.ne[0]} x {tt.ne[1]}): no neutral value")
+            else:
+                g.set(tptr, np.full(nbytes // 4, rule.value, dtype=np.float32))
         self.absent_filled.append(name)
 
     def check_unused_absent(self, graph_inputs: set[str]) -> None:

@@ -26,24 +26,23 @@ EXACT_ATOL = 2e-3
 WORKING = ["mixtral", "qwen3moe", "gpt-oss", "deepseek-v3", "deepseek-v2", "glm4moe", "ernie4.5-moe", "llama4",
            "qwen3next", "qwen3next-fused", "granite-hybrid", "qwen2moe", "olmoe", "dots1", "minimax-m2", "granitemoe",
            "hunyuan-moe", "lfm2-moe", "afmoe", "exaone-moe", "qwen3.5-moe", "glm4moe-lite", "cohere2moe",
-           "granitemoe-shared", "laguna", "dbrx", "deepseek-v3.2", "granitemoe-swa", "glm4moe-mtp-decl",
+           "granitemoe-shared", "laguna", "dbrx", "deepseek-v3.2", "granitemoe-swa", "glm4moe-mtp-decl", "nemotron-h",
            "mixtral-q8_0", "deepseek-v3-q8_0", "gpt-oss-q8_0"]
-# stock llama.cpp runs them, the runtime does not (yet); causes in docs/architectures.md: jamba and
-# nemotron-h switch on an optional tensor's presence (llama_model_init_from_user creates every optional
-# tensor); mimo-v2-flash declares 3 MTP layers over a per-layer SWA layout the trunk-only build gets wrong
-FAILING = ["jamba", "nemotron-h", "mimo-v2-flash"]
+# stock llama.cpp runs them, the runtime does not (yet); causes in docs/architectures.md: jamba switches
+# dense/MoE layers on an optional tensor's presence (llama_model_init_from_user creates every optional
+# tensor); mimo-v2-flash declares 3 MTP layers over a per-layer layout the trunk-only build gets wrong
+FAILING = ["jamba", "mimo-v2-flash"]
 
 # (recipe, check) -> the measured failure; strict: a fix turns it into XPASS (a failure to notice)
 KNOWN: dict[tuple[str, str], str] = {
     ("jamba", "*"): "full: ModelBuildError: jamba: llama.cpp's graph uses blk.0.ffn_gate_inp.weight (and 7 more), "
                     "which the file lacks and for which no neutral value exists (dense layers: jamba.cpp switches "
                     "MoE/dense on ffn_gate_inp presence)",
-    ("nemotron-h", "*"): "full: ModelBuildError: nemotron_h_moe: llama.cpp's graph uses blk.1.ffn_latent_down.weight "
-                         "(and 3 more), which the file lacks and for which no neutral value exists (identity would do)",
     # a GGUF declaring MTP (nextn) layers is built trunk-only (block_count - nextn, per-layer arrays cut);
     # for MiMo-V2 llama.cpp then sizes layer 1's attention for the wrong head count
-    ("mimo-v2-flash", "*"): "full: ModelBuildError: blk.1.attn_k.weight: llama.cpp wants 12288 bytes, the file has "
-                            "24576 (mimo2.nextn_predict_layers=3, hard-coded by the converter)",
+    ("mimo-v2-flash", "*"): "full: ModelBuildError: mimo2 declares 3 multi-token-prediction block(s); the model "
+                            "without them could not be built (blk.1.attn_k.weight: llama.cpp wants 12288 bytes, "
+                            "the file has 24576)",
 }
 
 

@@ -187,3 +187,25 @@ def test_grouped_router_with_a_slot_count_groups_do_not_divide(slots):
             rt.close()
     assert np.isfinite(out["swapmoe"]).all()
     assert float(np.abs(out["exact"] - out["full"]).max()) <= 5e-4 * max(1.0, float(np.abs(out["full"]).max()))
+
+
+def test_decode_step_routes_layers_together_as_one_by_one():
+    """The tap's decode-step fast path (all layers' single rows routed in one pass) equals routing each
+    layer alone, per-layer selection biases included."""
+    from swapmoe_gguf.router import FullRouter, RouterTap
+
+    r = np.random.default_rng(3)
+    w = {l: r.standard_normal((8, 16)).astype(np.float32) for l in (1, 2, 4)}
+    bias = {l: r.standard_normal(8).astype(np.float32) for l in (1, 4)}
+    router = FullRouter(w, 2, selection_bias=bias)
+    router.specs = {l: GatingSpec(func="sigmoid", selection_bias=True, norm_w=True, scale=2.0) for l in w}
+    tap = RouterTap(router)
+    xs = {l: r.standard_normal((1, 16)).astype(np.float32) for l in w}
+    tap._seen = list(xs.items())
+    batch = tap.take()
+    assert batch.layers == [1, 2, 4]
+    for l, xn, got in zip(batch.layers, batch.x_norm, batch.routed):
+        want = router.route(l, xs[l])
+        np.testing.assert_array_equal(got.selected, want.selected)
+        np.testing.assert_allclose(got.weights, want.weights, rtol=1e-6)
+        np.testing.assert_allclose(xn, np.linalg.norm(xs[l], axis=-1), rtol=1e-6)

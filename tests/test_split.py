@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from conftest import llama_logits, run_cli
-from swapmoe_gguf.converters import convert
 from swapmoe_gguf.errors import GGUFFormatError
 from swapmoe_gguf.gguf_info import read_gguf
 
