@@ -63,9 +63,10 @@ NOTES = {
                         "`block_count -= n_nextn`, per-layer arrays cut (decoding never uses the MTP blocks).",
     "mimo-v2-flash": "config.json gets Xiaomi's keys (`hybrid_layer_pattern`, `swa_*`, `topk_method`, flat "
                      "`rope_parameters`); the converter hard-codes 3 MTP layers (`_n_nextn = 3`, mimo.py) so "
-                     "the GGUF declares `nextn_predict_layers=3`: stock skips them. The trunk-only build (see "
-                     "glm4moe-mtp-decl) then gets layer 1's attention size wrong (llama.cpp wants 12288 bytes "
-                     "for blk.1.attn_k, the file has 24576): refused in one line; not solved.",
+                     "the GGUF declares `nextn_predict_layers=3`: stock skips them. Built trunk-only (see "
+                     "glm4moe-mtp-decl), it is refused in one line: on the swap-ready copy the graph reads "
+                     "`attn_sinks`, absent from the file (a neutral -inf sink is untested), and on the file as "
+                     "llama.cpp wrote it layer 1's attention is sized for another head count. Not solved.",
     "deepseek-v3.2": "`index_head_dim` 64 (32 made stock llama.cpp abort: `ggml.c:3354: GGML_ASSERT(ggml_can_mul_mat(a, b))`).",
     "jamba": "jamba.cpp:88 creates `ffn_gate_inp` with TENSOR_NOT_REQUIRED and picks MoE vs dense per layer by its "
              "presence (jamba.cpp:90, :152). `llama_model_init_from_user` creates every optional tensor "

@@ -63,29 +63,23 @@ class _Runs:
     def __init__(self, root):  # type: ignore[no-untyped-def]
         self.root, self.cache = root, {}
 
-    def gguf(self, name: str):  # type: ignore[no-untyped-def]
-        key = ("gguf", name)
+    def _once(self, key: tuple, make):  # type: ignore[no-untyped-def]
+        """make() once per key; a ZooError is remembered and raised as an AssertionError every time."""
         if key not in self.cache:
             try:
-                self.cache[key] = zoo.build(name)
+                self.cache[key] = make()
             except zoo.ZooError as e:
                 self.cache[key] = e
         got = self.cache[key]
         if isinstance(got, zoo.ZooError):
-            raise AssertionError(f"{name}: {got}")
+            raise AssertionError(f"{key[1]}: {got}")
         return got
 
+    def gguf(self, name: str):  # type: ignore[no-untyped-def]
+        return self._once(("gguf", name), lambda: zoo.build(name))
+
     def swapready(self, name: str):  # type: ignore[no-untyped-def]
-        key = ("swapready", name)
-        if key not in self.cache:
-            try:
-                self.cache[key] = zoo.relayout(self.gguf(name))
-            except zoo.ZooError as e:
-                self.cache[key] = e
-        got = self.cache[key]
-        if isinstance(got, zoo.ZooError):
-            raise AssertionError(f"{name}: {got}")
-        return got
+        return self._once(("swapready", name), lambda: zoo.relayout(self.gguf(name)))
 
     def probe(self, name: str, mode: str, n_batch: int = 512) -> dict:
         key = ("probe", name, mode, n_batch)

@@ -18,14 +18,7 @@ from swapmoe_gguf.gguf_info import read_gguf
 from swapmoe_gguf.runtime import SwapMoELlama
 from test_split import write_copy
 
-TOKENS = [1, 5, 9, 30, 2, 7, 8, 11]
-SETTINGS = dict(n_ctx=128, n_threads=2, logits_all=True, verbose=False, flash_attn=True)
-
-
-def _scores(llm) -> np.ndarray:
-    llm.reset()
-    llm.eval(TOKENS)
-    return np.array(llm.scores[: len(TOKENS)])
+from test_runtime import SETTINGS, TOKENS, _scores  # the same prompt and settings as the runtime tests
 
 
 @pytest.fixture(autouse=True)
