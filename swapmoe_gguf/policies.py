@@ -4,9 +4,9 @@
   updates every F tokens (and after each prefill), at most Q swaps per layer per update.
 * `static`: the pruned compact model: a fixed top-S set per layer from a calibration text, never swapped.
 * `exact`: lossless on-demand swapping: inside the graph, right after a layer's router ran, load
-  the full router's top-k experts that are missing (least recently used slot out, blocking I/O)
-  and overwrite the layer's routing probabilities with the full router's, so the layer computes
-  exactly what the full model computes.
+  the experts the full model selects that are missing (least recently used slot out, blocking I/O)
+  and rewrite the node llama.cpp ranks slots by with the full model's values (-inf elsewhere), so
+  the layer selects and weighs exactly as the full model does (routing.py: its own gating).
 * `full`: every expert resident (S = n_expert).
 """
 from __future__ import annotations
@@ -19,8 +19,7 @@ import numpy as np
 
 from .ggml import ggml
 from .router import RouterBatch
-from .routing import Routed
-from .routing import hit_shares, slot_mask_values
+from .routing import Routed, hit_shares, slot_mask_values
 from .scheduler import ImportanceScheduler, SchedulerConfig
 
 if TYPE_CHECKING:
