@@ -94,7 +94,6 @@ class _Scratch:
         if not self.buf:
             raise MemoryError(f"cannot allocate a {self.nbytes}-byte repack scratch buffer")
         g.lib.ggml_backend_tensor_alloc(self.buf, self.t, g.lib.ggml_backend_buffer_get_base(self.buf))
-        self.repacked = bool(GGMLTensor.from_address(self.t).extra)  # ggml chose a layout for it
 
     def repack(self, raw: np.ndarray) -> int:
         """Repack `raw` (one expert, plain layout); returns the address of the repacked bytes."""
@@ -117,6 +116,7 @@ class RepackPlan:
 
     names: tuple[str, ...]
     overrides: ctypes.Array | None  # BuftOverride[len + 1], NULL-terminated; alive as long as the model
+    patterns: tuple[bytes, ...] = ()  # the regex strings `overrides` points to (kept alive with it)
 
 
 class Repacker:
@@ -152,11 +152,11 @@ class Repacker:
         names = tuple(n for n, q, s in tensors if self.wants(n, q, s))
         if not names:
             return RepackPlan((), None)
+        patterns = tuple(f"^{n.replace('.', '[.]')}$".encode() for n in names)
         arr = (BuftOverride * (len(names) + 1))()
-        self._patterns = [f"^{n.replace('.', '[.]')}$".encode() for n in names]  # keep the bytes alive
-        for i, p in enumerate(self._patterns):
+        for i, p in enumerate(patterns):
             arr[i].pattern, arr[i].buft = p, self.buft
-        return RepackPlan(names, arr)
+        return RepackPlan(names, arr, patterns)
 
     def write_slot(self, tptr: int, slot_offset: int, raw: np.ndarray, qtype: int, ne0: int, ne1: int) -> None:
         """Write one expert (raw, plain layout, [ne1 rows of ne0]) into a repacked tensor at `slot_offset`."""

@@ -5,10 +5,10 @@ ALL experts, so the callback asks for the `ffn_moe_logits-<il>` nodes, reads the
 (`src[1]`, the normalised hidden states [n_tokens, n_embd]) and routes it with the full router
 in numpy (`FullRouter`: the model's own gating, see routing.py). Once per model the tap probes
 llama.cpp's graph instead: it records every `ffn_moe_*` node (the gating spec) and every tensor the
-graph reads (so that a tensor the file lacks is known to be unused). llama.cpp asks the callback about every graph node (`ask=true`); a small C filter
-(`_evalfilter.c`, built at install) answers for the nodes we do not want, so Python runs only
-for the router nodes. Without the filter the Python callback answers everything (slower).
-Only the asked nodes split the graph.
+graph reads (so that a tensor the file lacks is known to be unused). llama.cpp asks the callback
+about every graph node (`ask=true`); a small C filter (`_evalfilter.c`, built at install)
+answers for the nodes we do not want, so Python runs only for the router nodes. Without the
+filter the Python callback answers everything (slower). Only the asked nodes split the graph.
 """
 from __future__ import annotations
 
@@ -49,10 +49,6 @@ class RouterBatch:
     layers: list[int]        # MoE layer of each entry
     x_norm: list[np.ndarray]  # per layer: [n_tok] ||x|| of the router input
     routed: list[Routed]     # per layer: selection and weights over ALL experts
-
-    def layer(self, layer: int) -> tuple[np.ndarray, Routed]:
-        i = self.layers.index(layer)
-        return self.x_norm[i], self.routed[i]
 
 
 class FullRouter:
@@ -133,24 +129,21 @@ class RouterTap:
                                                              n_group_used=n_group_used, where=f"layer {layer}: ")
 
     def _record(self, t: int, name: bytes) -> None:
+        """Probing: every input's name into `graph_inputs`; an `ffn_moe_*` node into `probed`."""
         g = ggml()
+        src = [ctypes.string_at(p + _NAME_OFF).decode(errors="replace") for p in g.tensor(t).src if p]
+        self.graph_inputs.update(src)
         base, _, il = name.decode(errors="replace").rpartition("-")
-        if not il.isdigit():
-            return
-        tt = g.tensor(t)
-        src = tuple(ctypes.string_at(p + _NAME_OFF).decode(errors="replace").rpartition("-")[0]
-                    for p in tt.src if p)
-        self.probed.setdefault(int(il), {})[base] = GraphNode(g.op_desc(t), src, g.op_params_f32(t))  # type: ignore[union-attr]
+        if name.startswith(b"ffn_moe_") and il.isdigit():
+            node = GraphNode(g.op_desc(t), tuple(s.rpartition("-")[0] for s in src), g.op_params_f32(t))
+            self.probed.setdefault(int(il), {})[base] = node  # type: ignore[union-attr]
 
     def _cb(self, t: int, ask: bool, _ud: int) -> bool:
         name = ctypes.string_at(t + _NAME_OFF)
         if self.probed is not None:
             if ask:
                 try:
-                    src = GGMLTensor.from_address(t).src
-                    self.graph_inputs.update(ctypes.string_at(p + _NAME_OFF).decode(errors="replace") for p in src if p)
-                    if name.startswith(b"ffn_moe_"):
-                        self._record(t, name)
+                    self._record(t, name)
                 except BaseException as e:  # never raise through C
                     self.error = e
             return not ask
@@ -190,7 +183,8 @@ class RouterTap:
         if not self._seen:
             return None
         seen, self._seen = self._seen, []
-        if len(seen) > 1 and all(x.shape[0] == 1 for _, x in seen):
+        if len(seen) > 1 and all(x.shape[0] == 1 for _, x in seen) \
+                and len({self.router.specs[l] for l, _ in seen}) == 1:
             return self._take_decode_step(seen)
         layers, norms, routed = [], [], []
         for layer, x in seen:
@@ -200,13 +194,10 @@ class RouterTap:
         return RouterBatch(layers, norms, routed)
 
     def _take_decode_step(self, seen: list[tuple[int, np.ndarray]]) -> RouterBatch:
-        """One token in several layers: route the layers' rows together when they share a gating spec
-        (one numpy pass instead of one per layer; the matmuls stay per layer, each with its router)."""
+        """One token in several layers sharing a gating spec: route their rows together (one numpy pass
+        instead of one per layer; the matmuls stay per layer, each with its router)."""
         r = self.router
         layers = [l for l, _ in seen]
-        if len({r.specs[l] for l in layers}) > 1:
-            return RouterBatch(layers, [np.sqrt(np.einsum("ij,ij->i", x, x)) for _, x in seen],
-                               [r.route(l, x) for l, x in seen])
         xa = np.concatenate([x for _, x in seen])                                       # [L, n_embd]
         lg = np.concatenate([r.logits(l, x) for l, x in seen])                          # [L, n_expert]
         bias = None

@@ -54,6 +54,11 @@ NEUTRAL_TENSORS: dict[str, tuple[Neutral, ...]] = {
 ALIAS_TENSORS = {"output.weight": "token_embd.weight"}
 
 
+def _fused_shape(gate: TensorEntry, n_expert: int) -> tuple[int, ...]:
+    """Numpy shape of llama.cpp's fused gate+up expert tensor: [n_expert, 2 * n_ff, n_embd]."""
+    return (n_expert, 2 * gate.shape[1], *gate.shape[2:])
+
+
 class ModelBuildError(SwapMoEError):
     pass
 
@@ -143,7 +148,7 @@ class VirtualExpertModel:
                 self._truncate_layer_arrays(meta, info.params.n_layer - nextn)
             for fused, (gate, _up) in self.fused.items():
                 t = self._by_name[gate]
-                g.gguf_declare_tensor(meta, fused, int(t.qtype), (t.shape[0], 2 * t.shape[1], *t.shape[2:]))
+                g.gguf_declare_tensor(meta, fused, int(t.qtype), _fused_shape(t, t.shape[0]))
             for t in info.tensors:  # a split GGUF: tensors of the other shards are not in the first's metadata
                 if t.file:
                     g.gguf_declare_tensor(meta, t.name, int(t.qtype), t.shape)
@@ -188,20 +193,14 @@ class VirtualExpertModel:
         """Tensors (as llama.cpp creates them, slot-sized) that ggml-cpu would repack."""
         if self.repacker is None or not self.repacker.available:
             return RepackPlan((), None)
-        created = [(t.name, int(t.qtype), (self.slots, *t.shape[1:]) if t.is_expert else t.shape)
-                   for t in self.info.tensors]
-        for fused, (gate, _up) in self.fused.items():
-            t = self._by_name[gate]
-            created.append((fused, int(t.qtype), (self.slots, 2 * t.shape[1], *t.shape[2:])))
-        plan = self.repacker.plan(created)
+        created = [(t.name, t.qtype, (self.slots, *t.shape[1:]) if t.is_expert else t.shape) for t in self.info.tensors]
+        created += [(fused, self._by_name[gate].qtype, _fused_shape(self._by_name[gate], self.slots))
+                    for fused, (gate, _up) in self.fused.items()]
+        plan = self.repacker.plan([(n, int(q), s) for n, q, s in created])
         if plan.names:
             log.info("CPU weight repacking for %d tensors (%s)", len(plan.names),
-                     ", ".join(sorted({self._type_name(n) for n in plan.names})))
+                     ", ".join(sorted({q.name for n, q, _ in created if n in plan.names})))
         return plan
-
-    def _type_name(self, name: str) -> str:
-        t = self._by_name.get(name) or self._by_name[self.fused[name][0]]
-        return t.qtype.name
 
     def _write_slot(self, tptr: int, handle: str, slot: int, stride: int, raw: np.ndarray) -> None:
         """One expert's plain bytes into `slot` of a stacked tensor (through ggml's repacking if repacked)."""
@@ -262,7 +261,7 @@ class VirtualExpertModel:
             self.handles[name] = tptr
             self.placement[name] = (name, 0, t.expert_nbytes)
             if is_repack_tensor(tptr, self.repacker.buft if self.repacker else None):
-                self.repacked[name] = (int(t.qtype), t.shape[-1], t.expert_nbytes // self._row_bytes(t))
+                self.repacked[name] = (int(t.qtype), t.shape[-1], t.shape[-2])
             scratch = np.empty(t.expert_nbytes, dtype=np.uint8)
             for s, e in enumerate(self.slot_map[layer]):
                 self.store.read_slice(t, e, scratch)
@@ -286,20 +285,12 @@ class VirtualExpertModel:
         self.placement[gate.name] = (name, 0, 2 * part)
         self.placement[up.name] = (name, part, 2 * part)
         if is_repack_tensor(tptr, self.repacker.buft if self.repacker else None):
-            self.repacked[name] = (int(gate.qtype), gate.shape[-1], 2 * part // self._row_bytes(gate))
+            self.repacked[name] = (int(gate.qtype), gate.shape[-1], 2 * gate.shape[-2])
         scratch = np.empty(2 * part, dtype=np.uint8)  # [gate rows | up rows] of one expert
         for s, e in enumerate(self.slot_map[gate.block]):  # type: ignore[index]
             self.store.read_slice(gate, e, scratch[:part])
             self.store.read_slice(up, e, scratch[part:])
             self._write_slot(tptr, name, s, 2 * part, scratch)
-
-    @staticmethod
-    def _row_bytes(t: TensorEntry) -> int:
-        """Bytes of one row (ne0 elements) of a tensor's type."""
-        from gguf import GGML_QUANT_SIZES
-
-        block, size = GGML_QUANT_SIZES[t.qtype]
-        return t.shape[-1] // block * size
 
     def _fill_absent(self, tptr: int, name: str, nbytes: int) -> None:
         g = ggml()
