@@ -36,6 +36,30 @@ def speed_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _type_pairs(types: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(type, full row, plain row) for each measured type."""
+    by = {(r["label"], r["policy"]): r for r in types}
+    return [(t, by[(t, "full")], by[(t, "plain")]) for t in dict.fromkeys(r["label"] for r in types)
+            if (t, "full") in by and (t, "plain") in by]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def types_table(types: list[dict]) -> str:
+    out = ["| type | tensors repacked | plain decode tok/s | SwapMoE `full` (ratio) | plain prefill tok/s | "
+           "SwapMoE `full` (ratio) | peak RSS plain / full |", "|---|---|---|---|---|---|---|"]
+    for t, f, p in _type_pairs(types):
+        rd, rp = _ratio(f["decode_tok_s"], p["decode_tok_s"]), _ratio(f["prefill_tok_s"], p["prefill_tok_s"])
+        out.append(f"| {t.upper()} | {_f(f['repacked_tensors'], 'd')} | {_f(p['decode_tok_s'])} | "
+                   f"{_f(f['decode_tok_s'])} ({_f(rd, '.2f')}) | {_f(p['prefill_tok_s'])} | {_f(f['prefill_tok_s'])} "
+                   f"({_f(rp, '.2f')}) | {fmt(p['peak_rss']) if p['peak_rss'] else '-'} / "
+                   f"{fmt(f['peak_rss']) if f['peak_rss'] else '-'} |"
+                   + (f" errors: {'; '.join(f['errors'] + p['errors'])}" if f["errors"] or p["errors"] else ""))
+    return "\n".join(out)
+
+
 def quality_table(rows: list[dict]) -> str:
     out = ["| policy | share of experts | S | perplexity | KL vs full | top-1 agreement | hit rate | swaps |",
            "|---|---|---|---|---|---|---|---|"]
@@ -46,9 +70,15 @@ def quality_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def targets(speed: list[dict], quality: list[dict]) -> list[str]:
+def targets(speed: list[dict], quality: list[dict], types: list[dict] | None = None) -> list[str]:
     """One line per target: the measured value, the target, met or not."""
     lines = []
+    for t, f, p in _type_pairs(types or []):
+        rd, rp = _ratio(f["decode_tok_s"], p["decode_tok_s"]), _ratio(f["prefill_tok_s"], p["prefill_tok_s"])
+        if rd is not None and rp is not None:
+            met = "met" if min(rd, rp) >= 0.95 else "missed"
+            lines.append(f"stock speed on {t.upper()}: full/plain decode = {rd:.2f}, prefill = {rp:.2f} "
+                         f"(target >= 0.95: {met})")
     full = next((r for r in quality if r["policy"] == "full"), None)
     half = [r["budget_pct"] for r in quality if r["policy"] != "full"]
     if full and half:
@@ -73,7 +103,7 @@ def targets(speed: list[dict], quality: list[dict]) -> list[str]:
     return lines
 
 
-def render(meta: dict, speed: list[dict], quality: list[dict]) -> str:
+def render(meta: dict, speed: list[dict], quality: list[dict], types: list[dict] | None = None) -> str:
     head = (f"{meta['date']} · {meta['machine']} · {meta['threads']} threads · {meta['rounds']} interleaved rounds "
             f"x {meta['n_predict']} tokens · swapmoe {meta['version']}")
     parts = [f"# swapmoe bench\n\n{head}\n"]
@@ -85,7 +115,11 @@ def render(meta: dict, speed: list[dict], quality: list[dict]) -> str:
         parts.append(f"## Quality: {meta['quality_model']}\n\n{meta['quality_text']}; each chunk a request "
                      f"(first half prompt, second half decoded and scored); KL(full || policy).\n\n"
                      f"{quality_table(quality)}\n")
-    parts.append("## Targets\n\n" + "\n".join(f"- {t}" for t in targets(speed, quality)) + "\n")
+    if types:
+        parts.append("## Stock speed by quant type\n\nEvery expert resident (`full`) against plain llama-cpp-python "
+                     "on the same file (Mixtral-shaped, random weights), page cache kept: ggml-cpu repacks these "
+                     f"types' weights for its kernels, and so do the slots.\n\n{types_table(types)}\n")
+    parts.append("## Targets\n\n" + "\n".join(f"- {t}" for t in targets(speed, quality, types)) + "\n")
     return "\n".join(parts)
 
 
@@ -124,14 +158,15 @@ def plot(path: Path, speed: list[dict], quality: list[dict]) -> None:
     plt.close(fig)
 
 
-def write(out_dir: Path, meta: dict, speed: list[dict], quality: list[dict], png: bool = True) -> dict[str, Path]:
+def write(out_dir: Path, meta: dict, speed: list[dict], quality: list[dict], types: list[dict] | None = None,
+          png: bool = True) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"table": out_dir / "bench.md", "json": out_dir / "bench.json"}
     with atomic_output(paths["table"], force=True) as tmp:
-        tmp.write_text(render(meta, speed, quality))
+        tmp.write_text(render(meta, speed, quality, types))
     with atomic_output(paths["json"], force=True) as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "speed": speed, "quality": quality,
-                                   "targets": targets(speed, quality)}, indent=2))
+        tmp.write_text(json.dumps({"meta": meta, "speed": speed, "quality": quality, "types": types or [],
+                                   "targets": targets(speed, quality, types)}, indent=2))
     if png:
         paths["png"] = out_dir / "bench.png"
         plot(paths["png"], speed, quality)

@@ -9,6 +9,9 @@ default model:
   (machine drift hits every cell alike), and the file's pages are dropped from the page cache
   before each measured request, so expert misses go to disk. `swapmoe` runs with the plan
   `swapmoe plan` makes for this device.
+* type cells: `full` against plain llama-cpp-python on a Mixtral-shaped model of each quant type
+  in `--types` (default Q4_K_M, the type most downloads have; ggml-cpu repacks it), page cache kept
+  (this compares compute, not disk), interleaved with the speed cells.
 * quality cells: perplexity, KL and top-1 agreement against `full` (as `swapmoe eval`) at
   S = the same share of each layer's experts (the default model is small next to the Python
   process, so a whole-process percentage would mostly budget the interpreter).
@@ -40,12 +43,16 @@ class SpeedCell:
     n_predict: int
     threads: int
     n_ctx: int
+    label: str = ""          # a type cell: its quant type
+    drop_cache: bool = True  # drop the file's pages before the measured request (misses go to disk)
 
 
 @dataclass
 class SpeedResult:
     policy: str
     budget_pct: float
+    label: str = ""
+    repacked_tensors: int | None = None
     experts_per_layer: int | None = None
     n_expert: int | None = None
     decode_tok_s: list[float] = field(default_factory=list)   # one per round
@@ -63,7 +70,8 @@ class SpeedResult:
         med = lambda v: round(statistics.median(v), 2) if v else None  # noqa: E731
         pct = lambda q: round(float(_percentile(self.step_ms, q)), 2) if self.step_ms else None  # noqa: E731
         peak = max(self.peak_rss) if self.peak_rss else None
-        return {"policy": self.policy, "budget_pct": self.budget_pct, "experts_per_layer": self.experts_per_layer,
+        return {"policy": self.policy, "budget_pct": self.budget_pct, "label": self.label,
+                "repacked_tensors": self.repacked_tensors, "experts_per_layer": self.experts_per_layer,
                 "n_expert": self.n_expert, "decode_tok_s": med(self.decode_tok_s),
                 "prefill_tok_s": med(self.prefill_tok_s), "ttft_ms": med(self.ttft_ms), "p50_ms": pct(50),
                 "p99_ms": pct(99), "peak_rss": peak, "budget_bytes": self.budget_bytes,
@@ -151,7 +159,8 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
         for tok in toks[-8:]:
             llm.eval([tok])
         llm.reset()
-        _drop_page_cache(cell.model)
+        if cell.drop_cache:
+            _drop_page_cache(cell.model)
         t0 = time.perf_counter()
         llm.eval(prompt)
         ttft = time.perf_counter() - t0  # the first token's logits are ready
@@ -172,6 +181,7 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
             t = llm.telemetry_
             hits = t.hit_count - before[2]
             out |= {"budget_bytes": llm.budget_bytes or full_bytes, "experts_per_layer": llm.vmodel.slots,
+                    "repacked_tensors": len(llm.vmodel.repacked),
                     "hit_rate": (t.hit_mass - before[1]) / hits if hits else (1.0 if cell.policy == "full" else None),
                     "swaps_per_token": (t.swaps - before[0]) / len(steps)}
         return out
@@ -202,7 +212,7 @@ def speed_cells(model: str, budgets: list[float], n_predict: int, threads: int, 
 
 def run_speed(cells: list[SpeedCell], rounds: int, timeout: float = 900) -> list[SpeedResult]:
     """Every cell once per round, in order (interleaved), each in a fresh process."""
-    results = {c: SpeedResult(c.policy, c.budget_pct) for c in cells}
+    results = {c: SpeedResult(c.policy, c.budget_pct, c.label) for c in cells}
     for r in range(rounds):
         for c in cells:
             log.info("round %d/%d: %s at %g%%", r + 1, rounds, c.policy, c.budget_pct)
@@ -213,7 +223,7 @@ def run_speed(cells: list[SpeedCell], rounds: int, timeout: float = 900) -> list
                 log.warning("%s at %g%%: %s", c.policy, c.budget_pct, out["error"])
                 continue
             res.experts_per_layer, res.n_expert = out["experts_per_layer"], out["n_expert"]
-            res.budget_bytes = out["budget_bytes"]
+            res.budget_bytes, res.repacked_tensors = out["budget_bytes"], out.get("repacked_tensors")
             for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss", "disk_bytes_per_token",
                       "hit_rate", "swaps_per_token"):
                 if out.get(k) is not None:
@@ -256,6 +266,7 @@ class BenchOptions:
     chunks: int = 12
     eval_ctx: int = 256
     quick: bool = False
+    types: tuple[str, ...] = ("q4_k_m",)  # quant types for the stock-speed rows
 
     @classmethod
     def quick_options(cls, **kw: Any) -> "BenchOptions":
@@ -277,6 +288,33 @@ def synthetic_model(quick: bool) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"writing the synthetic speed model ({shape.file_bytes() / 2 ** 30:.2f} GiB) to {path}", file=sys.stderr)
         write_synthetic_moe(path, shape)
+    return path
+
+
+# a Mixtral shape whose experts dominate compute; --quick: a tiny one (K-quants need 256-multiples)
+TYPE_SHAPE = dict(hidden=2048, ffn=5632, layers=4, experts=8, heads=16, kv_heads=8)
+TYPE_SHAPE_QUICK = dict(hidden=256, ffn=512, layers=2, experts=8, heads=4, kv_heads=2)
+
+
+def typed_model(qtype: str, quick: bool) -> Path:
+    """A Mixtral-shaped model of one quant type (random weights), written once into the user cache,
+    for the stock-speed rows: `full` against plain llama-cpp-python where ggml-cpu repacks weights."""
+    import tempfile
+
+    import numpy as np
+
+    from .converters import convert
+    from .converters.tiny_checkpoint import write_tiny_mixtral
+    from .paths import cache_dir
+
+    shape = TYPE_SHAPE_QUICK if quick else TYPE_SHAPE
+    path = cache_dir() / "synthetic" / f"mixtral-{'x'.join(map(str, shape.values()))}-{qtype}.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing the {qtype} speed model to {path}", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=path.parent) as d:
+            src = write_tiny_mixtral(Path(d) / "hf", **shape, dtype=np.dtype(np.uint16), std=0.02)
+            convert(src, path, qtype, progress=False)
     return path
 
 
@@ -323,8 +361,12 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
 
     load_or_measure(info, threads=threads)  # profile once (cached), before anything is timed
     cells = speed_cells(speed_model, sorted(o.budgets, reverse=True), o.n_predict, threads, o.n_ctx)
+    cells += [SpeedCell(str(typed_model(t, o.quick)), p, 100.0, o.n_predict, threads, o.n_ctx, label=t,
+                        drop_cache=False) for t in o.types for p in ("full", "plain")]
     t0 = time.perf_counter()
-    speed = [r.summary() for r in run_speed(cells, o.rounds)]
+    measured = [r.summary() for r in run_speed(cells, o.rounds)]
+    speed = [r for r in measured if not r["label"]]
+    types = [r for r in measured if r["label"]]
     quality = run_quality(quality_model, text, list(o.budgets), ctx=o.eval_ctx, chunks=o.chunks, threads=threads)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "threads": threads, "rounds": o.rounds, "n_predict": o.n_predict, "version": __version__,
@@ -332,7 +374,7 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
                            f"MoE layers x {info.n_expert} experts, top-{info.params.n_expert_used})",
             "quality_model": Path(quality_model).name, "quality_text": f"{Path(text_name).name}, {o.chunks} chunks "
             f"of {o.eval_ctx} tokens", "seconds": round(time.perf_counter() - t0, 1), "options": asdict(o)}
-    return bench_report.write(Path(o.out_dir), meta, speed, quality)
+    return bench_report.write(Path(o.out_dir), meta, speed, quality, types)
 
 
 def main_cell(argv: list[str]) -> int:

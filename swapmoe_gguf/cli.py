@@ -128,9 +128,14 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         budgets = tuple(float(x.strip().rstrip("%")) for x in a.budgets.split(",")) if a.budgets else None
     except ValueError:
         raise SwapMoEError(f"bench: --budgets takes percentages like 100,75,50,35; got {a.budgets!r}") from None
+    types = None
+    if a.types is not None:
+        from .converters.quant import out_type
+
+        types = tuple(out_type(t.strip()).name for t in a.types.split(",") if t.strip())  # unknown: QuantError
     kw = {k: v for k, v in dict(out_dir=a.output, speed_model=a.model, quality_model=a.quality_model, text=a.text,
                                 budgets=budgets, n_predict=a.n_predict, rounds=a.rounds, threads=a.threads,
-                                chunks=a.chunks).items() if v is not None}
+                                chunks=a.chunks, types=types).items() if v is not None}
     opts = BenchOptions.quick_options(**kw) if a.quick else BenchOptions(**kw)
     if opts.n_predict < 2 or opts.rounds < 1 or opts.chunks < 1:
         raise SwapMoEError("bench: need -n >= 2, --rounds >= 1 and --chunks >= 1")
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     b.add_argument("--chunks", type=int, default=None, help="evaluation chunks for quality (default 12)")
     b.add_argument("-t", "--threads", type=int, default=None)
+    b.add_argument("--types", default=None, help="quant types for the stock-speed rows, `full` vs plain "
+                   "llama-cpp-python (default q4_k_m; '' for none)")
     b.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json, bench.png")
     b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
     b.set_defaults(func=_cmd_bench)

@@ -81,6 +81,7 @@ class GGML:
             "ggml_backend_buft_alloc_buffer": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
             "ggml_backend_buffer_free": (None, [ctypes.c_void_p]),
             "ggml_backend_buffer_get_base": (ctypes.c_void_p, [ctypes.c_void_p]),
+            "ggml_backend_buffer_get_size": (ctypes.c_size_t, [ctypes.c_void_p]),
             "ggml_backend_buffer_get_type": (ctypes.c_void_p, [ctypes.c_void_p]),
             "ggml_backend_buffer_init_tensor": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]),
             "ggml_backend_tensor_alloc": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),

@@ -10,18 +10,21 @@ for CPU and GPU buffers alike.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
-from dataclasses import dataclass
+import sys
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
 
+from .absent import ALIAS_TENSORS, NEUTRAL_TENSORS, unlink_absent
 from .errors import LayoutError, SwapMoEError
 from .expert_store import ExpertStore, StagedExpert
 from .gguf_info import GGUFInfo, TensorEntry, dequantize, read_gguf
-from .ggml import GGML_TYPE_F32, ggml
+from .ggml import GGML_TYPE_F32, GGMLTensor, ggml
 from .repack import Repacker, RepackPlan, is_repack_tensor
 
 log = logging.getLogger(__name__)
@@ -30,28 +33,28 @@ log = logging.getLogger(__name__)
 ROW_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp.bias", "exp_probs_b.bias")
 
 
-@dataclass(frozen=True)
-class Neutral:
-    """Value for a tensor llama.cpp creates although the file lacks it (it then asks us to fill it)."""
-
-    suffix: str
-    value: float
-    identity: bool = False  # a square projection the graph always applies: the identity matrix
+_HUGE_PAGE, _MADV_HUGEPAGE = 2 << 20, 14
 
 
-# llama_model_init_from_user creates every optional tensor of the architecture; absent ones
-# must be neutral or the output is NaN. Per architecture, with a default for all.
-_DEFAULT_NEUTRAL = (Neutral(".bias", 0.0), Neutral(".input_scale", 1.0), Neutral(".scale", 1.0),
-                    Neutral("rope_freqs.weight", 1.0))
-NEUTRAL_TENSORS: dict[str, tuple[Neutral, ...]] = {
-    "default": _DEFAULT_NEUTRAL,
-    # Nemotron-H MoE without a latent space (moe_latent_size 0): llama.cpp creates the latent
-    # projections as [n_embd, n_embd] and multiplies by them whenever they exist
-    "nemotron_h_moe": (*_DEFAULT_NEUTRAL, Neutral("ffn_latent_down.weight", 1.0, identity=True),
-                       Neutral("ffn_latent_up.weight", 1.0, identity=True)),
-}
-# Absent tensors that are another tensor's copy (tied embeddings).
-ALIAS_TENSORS = {"output.weight": "token_embd.weight"}
+@functools.cache
+def _madvise() -> Any:
+    """libc's madvise, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def advise_huge_pages(addr: int, nbytes: int) -> None:
+    """Ask Linux for transparent huge pages on [addr, addr + nbytes) before its first write (THP in
+    `madvise` mode, the default of most distributions, gives them only to regions that ask). Decode
+    reads every resident weight once per token; 2 MiB pages spare the TLB misses of 4 KiB ones
+    (measured 5-10 % faster decode here). Stock llama.cpp's mmap'd file pages cannot have them."""
+    fn = _madvise()
+    lo, hi = -(-addr // _HUGE_PAGE) * _HUGE_PAGE, (addr + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if fn is not None and hi > lo and fn(lo, hi - lo, _MADV_HUGEPAGE) != 0:
+        log.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
 
 
 def _fused_shape(gate: TensorEntry, n_expert: int) -> tuple[int, ...]:
@@ -120,6 +123,11 @@ class VirtualExpertModel:
         self._neutral = NEUTRAL_TENSORS.get(info.arch, NEUTRAL_TENSORS["default"])
         self.absent_filled: list[str] = []
         self.provisional: list[str] = []  # absent, no neutral value: must turn out unused by the graph
+        self.unlinked = 0  # pointers to absent tensors set back to NULL (absent.py)
+        self._present: dict[int, dict[str, int]] = {}  # layer -> {suffix: address}: tensors the file has
+        self._absent: set[int] = set()             # addresses of tensors the file lacks (not aliases)
+        self._requested: set[str] = set()          # every tensor llama.cpp created
+        self._advised: set[int] = set()            # weight buffers given MADV_HUGEPAGE
 
         # llama.cpp prefers a fused gate+up expert tensor where the architecture has one and creates
         # it (not the separate ones) in this mode: filled per slot with the expert's gate, then up rows.
@@ -174,6 +182,23 @@ class VirtualExpertModel:
         if not self.model:
             self.close()
             raise ModelBuildError(f"{info.path}: llama.cpp could not build the model with {slots} expert slots")
+        self._check_all_created(info.params.n_layer - nextn)
+        self.unlinked = unlink_absent(ctypes.cast(self.model, ctypes.c_void_p).value or 0,
+                                      info.params.n_layer - nextn, self._present, self._absent)
+
+    def _check_all_created(self, n_layer: int) -> None:
+        """Refuse a model for which llama.cpp did not create some of the file's tensors: its loader then
+        built another structure than the file's (Jamba: a layer is MoE when `ffn_gate_inp` exists, and
+        in this mode every optional tensor exists, so its dense FFN weights are never asked for)."""
+        fused = {n for pair in self.fused.values() for n in pair}
+        missed = [t.name for t in self.info.tensors if t.name not in self._requested and t.name not in fused
+                  and (t.block is None or t.block < n_layer)]
+        if missed:
+            self.close()
+            raise ModelBuildError(f"{self.info.path}: {self.info.arch}: llama.cpp built this model without the file's "
+                                  f"{missed[0]}{f' (and {len(missed) - 1} more)' if len(missed) > 1 else ''}: its "
+                                  "loader chose another layer structure because optional tensors exist when a model "
+                                  "is built from metadata; this file cannot run with expert slots")
 
     def _truncate_layer_arrays(self, meta: int, n_layer: int) -> None:
         """Per-layer arrays (`<arch>.*` of block_count entries) cut to the first `n_layer` layers."""
@@ -243,10 +268,25 @@ class VirtualExpertModel:
         except BaseException as e:  # cannot propagate through C: re-raised after init returns
             self._fill_error = e
 
+    def _advise(self, tptr: int) -> None:
+        """Huge pages for each host weight buffer, asked for before llama.cpp's first write into it."""
+        buf = GGMLTensor.from_address(tptr).buffer
+        if buf and buf not in self._advised:
+            self._advised.add(buf)
+            g = ggml()
+            if g.lib.ggml_backend_buffer_is_host(buf):
+                advise_huge_pages(g.lib.ggml_backend_buffer_get_base(buf), g.lib.ggml_backend_buffer_get_size(buf))
+
     def _fill_one(self, tptr: int) -> None:
+        self._advise(tptr)
         g = ggml()
         name, nbytes = g.name(tptr), g.nbytes(tptr)
         t = self._by_name.get(name)
+        self._requested.add(name)
+        if t is not None or name in self.fused:
+            block = t.block if t is not None else self._by_name[self.fused[name][0]].block
+            if block is not None:
+                self._present.setdefault(block, {})[name.split(".", 2)[-1]] = tptr
         if t is None and name in self.fused:
             self._fill_fused(tptr, name, nbytes)
             return
@@ -306,6 +346,7 @@ class VirtualExpertModel:
                 # its graph reads one of these (`check_unused_absent`)
                 g.set(tptr, np.zeros(nbytes, dtype=np.uint8))
                 self.provisional.append(name)
+                self._absent.add(tptr)
                 return
             tt = g.tensor(tptr)
             if rule.identity and tt.ne[0] == tt.ne[1] and tt.ne[2] == tt.ne[3] == 1:
@@ -315,6 +356,7 @@ class VirtualExpertModel:
                                       f"({tt.ne[0]} x {tt.ne[1]}): no neutral value")
             else:
                 g.set(tptr, np.full(nbytes // 4, rule.value, dtype=np.float32))
+            self._absent.add(tptr)
         self.absent_filled.append(name)
 
     def check_unused_absent(self, graph_inputs: set[str]) -> None:

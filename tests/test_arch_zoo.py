@@ -27,22 +27,16 @@ WORKING = ["mixtral", "qwen3moe", "gpt-oss", "deepseek-v3", "deepseek-v2", "glm4
            "qwen3next", "qwen3next-fused", "granite-hybrid", "qwen2moe", "olmoe", "dots1", "minimax-m2", "granitemoe",
            "hunyuan-moe", "lfm2-moe", "afmoe", "exaone-moe", "qwen3.5-moe", "glm4moe-lite", "cohere2moe",
            "granitemoe-shared", "laguna", "dbrx", "deepseek-v3.2", "granitemoe-swa", "glm4moe-mtp-decl", "nemotron-h",
-           "mixtral-q8_0", "deepseek-v3-q8_0", "gpt-oss-q8_0"]
-# stock llama.cpp runs them, the runtime does not (yet); causes in docs/architectures.md: jamba switches
-# dense/MoE layers on an optional tensor's presence (llama_model_init_from_user creates every optional
-# tensor); mimo-v2-flash declares 3 MTP layers over a per-layer layout the trunk-only build gets wrong
-FAILING = ["jamba", "mimo-v2-flash"]
+           "mixtral-q8_0", "deepseek-v3-q8_0", "gpt-oss-q8_0", "mimo-v2-flash"]
+# stock llama.cpp runs it, the runtime does not (yet); cause in docs/architectures.md: jamba's loader
+# makes a layer dense or MoE by an optional tensor's presence (llama_model_init_from_user creates
+# every optional tensor, so the dense layers' weights are never asked for)
+FAILING = ["jamba"]
 
 # (recipe, check) -> the measured failure; strict: a fix turns it into XPASS (a failure to notice)
 KNOWN: dict[tuple[str, str], str] = {
-    ("jamba", "*"): "full: ModelBuildError: jamba: llama.cpp's graph uses blk.0.ffn_gate_inp.weight (and 7 more), "
-                    "which the file lacks and for which no neutral value exists (dense layers: jamba.cpp switches "
-                    "MoE/dense on ffn_gate_inp presence)",
-    # a GGUF declaring MTP (nextn) layers is built trunk-only (block_count - nextn, per-layer arrays cut);
-    # for MiMo-V2 llama.cpp then sizes layer 1's attention for the wrong head count
-    ("mimo-v2-flash", "*"): "full: ModelBuildError: mimo2 declares 3 multi-token-prediction block(s); the model "
-                            "without them could not be built (blk.1.attn_k.weight: llama.cpp wants 12288 bytes, "
-                            "the file has 24576)",
+    ("jamba", "*"): "full: ModelBuildError: jamba: llama.cpp built this model without the file's "
+                    "blk.0.ffn_down.weight (and 5 more): its loader chose another layer structure",
 }
 
 

@@ -36,7 +36,14 @@ def test_bench_quick_end_to_end(tmp_path):
     assert quality["full"]["kl"] == 0 and quality["full"]["ppl"] < 60
     assert quality["exact"]["kl"] < 1e-3                  # lossless
     assert quality["static"]["kl"] > quality["swapmoe"]["kl"] > 0
-    assert data["targets"] and data["targets"] == targets(data["speed"], data["quality"])
+    assert data["targets"] and data["targets"] == targets(data["speed"], data["quality"], data["types"])
+    # the stock-speed row: `full` and plain llama-cpp-python on a Q4_K_M file of the same shape
+    types = {(row["label"], row["policy"]): row for row in data["types"]}
+    assert set(types) == {("q4_k_m", "full"), ("q4_k_m", "plain")}
+    for row in types.values():
+        assert not row["errors"] and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0, row
+    assert types[("q4_k_m", "full")]["repacked_tensors"] >= 0 and "## Stock speed by quant type" in table
+    assert any(t.startswith("stock speed on Q4_K_M: full/plain decode = ") for t in data["targets"])
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
@@ -50,6 +57,7 @@ def test_bench_quick_end_to_end(tmp_path):
     (["--budgets", "0,50"], "budgets must be percentages in (0, 100]"),
     (["--rounds", "0"], "need -n >= 2"),
     (["--text", "/nonexistent/file.txt"], "cannot read"),
+    (["--types", "q4_k_m,q9"], "unknown --type 'q9'"),
 ])
 def test_bench_bad_input_is_one_line(tmp_path, args, message):
     r = run_cli("bench", "--quick", "-o", tmp_path, *args, timeout=600)
