@@ -64,21 +64,23 @@ NOTES = {
     "mimo-v2-flash": "config.json gets Xiaomi's keys (`hybrid_layer_pattern`, `swa_*`, `topk_method`, flat "
                      "`rope_parameters`); the converter hard-codes 3 MTP layers (`_n_nextn = 3`, mimo.py) so "
                      "the GGUF declares `nextn_predict_layers=3`: stock skips them. Built trunk-only (see "
-                     "glm4moe-mtp-decl), it is refused in one line: on the swap-ready copy the graph reads "
-                     "`attn_sinks`, absent from the file (a neutral -inf sink is untested), and on the file as "
-                     "llama.cpp wrote it layer 1's attention is sized for another head count. Not solved.",
+                     "glm4moe-mtp-decl). Its graph reads `attn_sinks` when the tensor exists; the file has none "
+                     "and `llama_model_init_from_user` creates it, so it ran only since absent tensors are "
+                     "unlinked again (absent.py): the pointer is NULL, as in stock.",
     "deepseek-v3.2": "`index_head_dim` 64 (32 made stock llama.cpp abort: `ggml.c:3354: GGML_ASSERT(ggml_can_mul_mat(a, b))`).",
     "jamba": "jamba.cpp:88 creates `ffn_gate_inp` with TENSOR_NOT_REQUIRED and picks MoE vs dense per layer by its "
-             "presence (jamba.cpp:90, :152). `llama_model_init_from_user` creates every optional tensor "
-             "(llama-model-loader.cpp: it returns null only for a dimension <= 0), so the dense layers 0 and 2 "
-             "would become MoE layers needing a router and experts the file does not have: no neutral value "
-             "can express 'absent'.",
+             "presence (jamba.cpp:90, :152) while loading. `llama_model_init_from_user` creates every optional "
+             "tensor (llama-model-loader.cpp: it returns null only for a dimension <= 0), so the dense layers 0 and "
+             "2 are built as MoE layers and their dense FFN weights are never created; unlinking the absent router "
+             "afterwards (absent.py) cannot change what was built. Refused at build: llama.cpp did not create "
+             "tensors the file has.",
     "nemotron-h": "nemotron-h.cpp:122-123 creates `ffn_latent_down`/`ffn_latent_up` (TENSOR_NOT_REQUIRED, "
                   "{n_embd, n_embd} when `moe_latent_size` is 0) and the graph multiplies by them when present "
                   "(nemotron-h.cpp:295, :320). With init_from_user they always exist; an identity matrix is the "
                   "neutral value (exact in F32, two extra n_embd x n_embd matmuls per MoE layer). Checked by hand: "
                   "this file plus F32 identity `ffn_latent_down/up` gives stock logits identical to the "
-                  "original's. Now done by the runtime (vmodel.py's neutral-tensor table).",
+                  "original's. The runtime fills them so (absent.py's neutral table) and then unlinks them: the "
+                  "pointers are NULL again, as in stock, and the two matmuls are gone.",
 }
 
 

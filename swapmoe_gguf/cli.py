@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import SwapMoEError
-from .settings import add_model_args, add_sampling_args
+from .settings import add_model_args, add_sampling_args, dropped_mass
 
 log = logging.getLogger("swapmoe_gguf")
 
@@ -114,9 +114,12 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     except OSError as e:
         raise SwapMoEError(f"{a.text}: cannot read: {e.strerror or e}") from None
     policies = a.policy or ["swapmoe", "static"]
+    if a.max_dropped_mass and "swapmoe" not in policies:
+        raise SwapMoEError("eval: --max-dropped-mass is a floor for swapmoe; add --policy swapmoe")
     res = run_eval(a.model or str(default_model()), text, policies=policies, experts_per_layer=a.experts_per_layer,
                    memory_budget=a.memory_budget, ctx=a.ctx_size, chunks=a.chunks,
-                   threads=a.threads or max(1, (os.cpu_count() or 2) // 2))
+                   threads=a.threads or max(1, (os.cpu_count() or 2) // 2),
+                   floors=tuple(a.max_dropped_mass or ()))
     print(render(res))
     return 0
 
@@ -210,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy", action="append", choices=("swapmoe", "static", "exact", "full"),
                     help="policy to evaluate (repeatable; default swapmoe and static); full is the reference")
     ev.add_argument("--memory-budget", default=None)
+    ev.add_argument("--max-dropped-mass", type=dropped_mass, action="append", metavar="TAU",
+                    help="also evaluate swapmoe with this quality floor (repeatable: one row each)")
     ev.add_argument("--experts-per-layer", type=int, default=None)
     ev.add_argument("-c", "--ctx-size", type=int, default=256, help="tokens per chunk (one request)")
     ev.add_argument("--chunks", type=int, default=16)

@@ -30,6 +30,11 @@ class EvalResult:
     hit_rate: float | None
     swaps: int
     peak_rss_bytes: int
+    max_dropped_mass: float = 1.0  # swapmoe's quality floor (1: none)
+
+    @property
+    def label(self) -> str:
+        return self.policy if self.max_dropped_mass >= 1.0 else f"{self.policy} (floor {self.max_dropped_mass:g})"
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -92,19 +97,28 @@ def evaluate(llm: Any, chunks: list[list[int]],
     return EvalResult(llm.policy_name, llm.vmodel.slots, llm.vmodel.n_expert, len(chunks), int(nll.size),
                       float(math.exp(nll.mean())), kl, agree,
                       (after.decode_tokens - before.decode_tokens) / dec if dec > 0 else 0.0,
-                      after.hit_rate, after.swaps - before.swaps, after.peak_rss_bytes), logps
+                      after.hit_rate, after.swaps - before.swaps, after.peak_rss_bytes,
+                      getattr(llm, "max_dropped_mass", 1.0)), logps
 
 
 def run_eval(path: str, text: str, *, policies: list[str], experts_per_layer: int | None, memory_budget: str | None,
-             ctx: int = 256, chunks: int | None = 16, threads: int = 2) -> list[EvalResult]:
-    """`full` first (the reference), then each policy, one model at a time."""
-    cells = [(p, experts_per_layer, memory_budget) for p in policies if p != "full"]
+             ctx: int = 256, chunks: int | None = 16, threads: int = 2,
+             floors: tuple[float, ...] = ()) -> list[EvalResult]:
+    """`full` first (the reference), then each policy (swapmoe also with each quality floor), one model
+    at a time."""
+    cells: list[tuple] = []
+    for p in policies:
+        if p != "full":
+            cells.append((p, experts_per_layer, memory_budget))
+        if p == "swapmoe":
+            cells += [(p, experts_per_layer, memory_budget, tau) for tau in floors if tau < 1.0]
     return run_eval_cells(path, text, cells, ctx=ctx, chunks=chunks, threads=threads)
 
 
-def run_eval_cells(path: str, text: str, cells: list[tuple[str, int | None, str | None]], *,
+def run_eval_cells(path: str, text: str, cells: list[tuple], *,
                    ctx: int = 256, chunks: int | None = 16, threads: int = 2) -> list[EvalResult]:
-    """`full` (the reference), then each (policy, S, memory budget) cell on the same tokens."""
+    """`full` (the reference), then each (policy, S, memory budget[, max dropped mass]) cell on the
+    same tokens."""
     from .runtime import SwapMoELlama
 
     kw = dict(n_ctx=ctx + 8, n_batch=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1)
@@ -116,8 +130,9 @@ def run_eval_cells(path: str, text: str, cells: list[tuple[str, int | None, str 
         full.close()
         del full  # before the next model measures the process's baseline
     results = [replace(ref_result, kl=0.0, top1_agreement=1.0)]
-    for policy, slots, budget in cells:
-        llm = SwapMoELlama(path, policy=policy, experts_per_layer=slots, memory_budget=budget, **kw)
+    for policy, slots, budget, *floor in cells:
+        llm = SwapMoELlama(path, policy=policy, experts_per_layer=slots, memory_budget=budget,
+                           max_dropped_mass=floor[0] if floor else 1.0, **kw)
         try:
             results.append(evaluate(llm, toks, reference)[0])
         finally:
@@ -130,7 +145,7 @@ def render(results: list[EvalResult]) -> str:
     lines = ["| policy | experts/layer | perplexity | KL vs full | top-1 agreement | decode tok/s | hit rate | swaps |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.policy} | {r.experts_per_layer}/{r.n_expert} | {r.ppl:.3f} | {r.kl:.4f} | "
+        lines.append(f"| {r.label} | {r.experts_per_layer}/{r.n_expert} | {r.ppl:.3f} | {r.kl:.4f} | "
                      f"{r.top1_agreement:.3f} | {r.tok_s:.0f} | "
                      + (f"{r.hit_rate:.3f}" if r.hit_rate is not None else "-") + f" | {r.swaps} |")
     return "\n".join(lines)

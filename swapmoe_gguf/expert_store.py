@@ -93,7 +93,7 @@ class _ReadThread:
 
 
 class ExpertStore:
-    def __init__(self, info: GGUFInfo, staging_buffers: int = 2, drop_cache: bool = True):
+    def __init__(self, info: GGUFInfo, staging_buffers: int = 2, drop_cache: bool = True, reserved: int = 0):
         self.info, self.path, self.drop_cache = info, info.path, drop_cache
         self.layers: dict[int, list[TensorEntry]] = {l: info.layer_expert_tensors(l) for l in info.moe_layers}
         self.expert_nbytes = {l: sum(t.expert_nbytes for t in ts) for l, ts in self.layers.items()}
@@ -122,12 +122,17 @@ class ExpertStore:
         self.stats = StoreStats()
         # A fixed pool of staging buffers bounds the memory of in-flight swaps. Anonymous maps are
         # page-aligned, as O_DIRECT needs.
+        # `reserved` more serve synchronous reads only: a read on the decoding thread (the quality floor)
+        # must not wait for a buffer held by a finished background read, which commits only between
+        # decode steps (it would wait forever).
         self._free: queue.Queue[np.ndarray] = queue.Queue()
-        self._maps = [mmap.mmap(-1, self.max_expert_nbytes) for _ in range(staging_buffers)]
-        for m in self._maps:
-            self._free.put(np.frombuffer(m, dtype=np.uint8))
-        self.staging_buffers = staging_buffers
-        self.staging_bytes = staging_buffers * self.max_expert_nbytes
+        self._sync_free: queue.Queue[np.ndarray] = queue.Queue()
+        self._maps = [mmap.mmap(-1, self.max_expert_nbytes) for _ in range(staging_buffers + reserved)]
+        for i, m in enumerate(self._maps):
+            (self._free if i < staging_buffers else self._sync_free).put(np.frombuffer(m, dtype=np.uint8))
+        self._reserved_at = {np.frombuffer(m, dtype=np.uint8).ctypes.data for m in self._maps[staging_buffers:]}
+        self.staging_buffers, self.reserved = staging_buffers, reserved
+        self.staging_bytes = (staging_buffers + reserved) * self.max_expert_nbytes
         self._pool = _ReadThread()
         self._warned = False
 
@@ -168,9 +173,10 @@ class ExpertStore:
         if self.drop_cache:
             os.posix_fadvise(self.fds[f], start, end - start, os.POSIX_FADV_DONTNEED)
 
-    def read(self, layer: int, expert: int, timeout: float | None = None) -> StagedExpert:
-        """Read synchronously into a staging buffer (blocks until one is free)."""
-        buf = self._free.get(timeout=timeout)
+    def read(self, layer: int, expert: int, timeout: float | None = None, sync: bool = False) -> StagedExpert:
+        """Read synchronously into a staging buffer (blocks until one is free). `sync`: a read on the
+        decoding thread, which takes a reserved buffer when the store has one."""
+        buf = self._sync_free.get() if sync and self.reserved else self._free.get(timeout=timeout)
         t0 = time.perf_counter()
         try:
             parts, off = {}, 0
@@ -180,7 +186,7 @@ class ExpertStore:
                 parts[t.name] = view
                 off += t.expert_nbytes
         except (OSError, ExpertReadError) as e:
-            self._free.put(buf)
+            self._give_back(buf)
             with self.stats.lock:
                 self.stats.errors += 1
             if not self._warned:
@@ -202,7 +208,10 @@ class ExpertStore:
 
     def release(self, staged: StagedExpert) -> None:
         """Give a staging buffer back once its bytes are committed (or dropped)."""
-        self._free.put(staged.buf)
+        self._give_back(staged.buf)
+
+    def _give_back(self, buf: np.ndarray) -> None:
+        (self._sync_free if buf.ctypes.data in self._reserved_at else self._free).put(buf)
 
     def _close_fds(self) -> None:
         for fd in (*self.fds, *self.direct_fds):

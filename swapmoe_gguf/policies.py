@@ -7,6 +7,10 @@
   the experts the full model selects that are missing (least recently used slot out, blocking I/O)
   and rewrite the node llama.cpp ranks slots by with the full model's values (-inf elsewhere), so
   the layer selects and weighs exactly as the full model does (routing.py: its own gating).
+* `swapmoe` with a quality floor τ (`--max-dropped-mass`): as `swapmoe`, but where a token's share of
+  the full model's top-k weight on non-resident experts exceeds τ in a layer, that layer does what
+  `exact` does (the missing experts loaded into the least important slots, the full model's routing).
+  τ = 1 is plain `swapmoe`, τ = 0 is `exact`.
 * `full`: every expert resident (S = n_expert).
 """
 from __future__ import annotations
@@ -55,11 +59,19 @@ class FullPolicy(FixedPolicy):
 class SwapMoEPolicy:
     name = "swapmoe"
     observes = True
-    owns_hit_rate = False
 
-    def __init__(self, scheduler: ImportanceScheduler):
+    def __init__(self, scheduler: ImportanceScheduler, floor: "ExactPolicy | None" = None):
         self.scheduler = scheduler
+        self.floor = floor          # the quality floor's on-demand loader (None: τ = 1)
         self._seen_tokens = 0
+
+    @property
+    def in_graph(self) -> "ExactPolicy | None":
+        return self.floor
+
+    @property
+    def owns_hit_rate(self) -> bool:  # with a floor: measured before its loads, as `exact` does
+        return self.floor is not None
 
     def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None:
         n_tok = 0
@@ -89,13 +101,21 @@ class ExactPolicy:
     observes = True
     owns_hit_rate = True  # hit = the full model's expert weight already resident BEFORE loading
 
-    def __init__(self, rt: "SwapMoELlama"):
+    def __init__(self, rt: "SwapMoELlama", max_dropped_mass: float = 0.0,
+                 scheduler: ImportanceScheduler | None = None):
         self.rt = rt
+        self.tau = max_dropped_mass  # act only where a token's dropped share exceeds this (0: always)
+        self.scheduler = scheduler   # victims by its importance (the floor); None: least recently used
         self.clock = 0
         self.last_used = {l: np.zeros(rt.vmodel.slots, dtype=np.int64) for l in rt.vmodel.moe_layers}
         self._routed: dict[int, Routed] = {}
         self._before: dict[int, list[int]] = {}  # slot map of a layer before this step's loads
         self.overflows = 0  # batches whose experts did not fit in S slots (not exact then)
+        self.checked = self.acted = 0  # (micro-batch, layer) pairs seen / made exact
+
+    @property
+    def in_graph(self) -> "ExactPolicy":
+        return self
 
     def mask_node(self, layer: int) -> str:
         """The node whose values llama.cpp ranks the slots by (rewritten with the full model's choice)."""
@@ -126,7 +146,12 @@ class ExactPolicy:
     def _load(self, layer: int, routed: Routed) -> None:
         rt, vm = self.rt, self.rt.vmodel
         mask = vm.resident_mask[rt.tap.index[layer]]
-        rt.telemetry_.add_hits(hit_shares(routed, mask))
+        shares = hit_shares(routed, mask)                                              # [n_tok]
+        rt.telemetry_.add_hits(shares)
+        self.checked += 1
+        if self.tau > 0 and (not shares.size or 1.0 - float(shares.min()) <= self.tau):
+            return  # within the floor: the layer routes among the residents (masked gating)
+        self.acted += 1
         self._before[layer] = list(vm.slot_map[layer])
         mass = np.zeros(vm.n_expert)
         np.add.at(mass, routed.selected.ravel(), np.abs(routed.weights).ravel() + 1e-12)
@@ -143,8 +168,12 @@ class ExactPolicy:
         if missing:
             t0 = time.perf_counter()
             keep = set(need)
-            victims = sorted((s for s in range(vm.slots) if slots[s] not in keep),
-                             key=lambda s: self.last_used[layer][s])
+            if self.scheduler is None:  # least recently used first
+                order = lambda s: self.last_used[layer][s]  # noqa: E731
+            else:  # least important first (the scheduler's scores)
+                score = self.scheduler.scores[self.scheduler.index[layer]]
+                order = lambda s: score[slots[s]]  # noqa: E731
+            victims = sorted((s for s in range(vm.slots) if slots[s] not in keep), key=order)
             for e, slot in zip(missing, victims):
                 try:
                     vm.swap(layer, slot, e)  # blocking read + commit: the layer waits

@@ -171,8 +171,11 @@ def hit_shares(routed: Routed, resident_mask: np.ndarray) -> np.ndarray:
 def slot_mask_values(routed: Routed, slot_experts: list[int], values: np.ndarray) -> np.ndarray:
     """`values` [n_tok, S] of a node the graph ranks experts by, with every slot whose expert the full
     model does not select for that token set to -inf (so the slot model selects exactly the full
-    model's experts, groups and biases included)."""
+    model's experts, groups and biases included). A token some of whose experts are not resident
+    (more experts needed in a micro-batch than slots, a failed read) keeps every slot: it routes among
+    the residents rather than selecting a -inf slot."""
     chosen = np.zeros((routed.selected.shape[0], routed.probs.shape[1]), dtype=bool)
     np.put_along_axis(chosen, routed.selected, True, axis=-1)
     keep = chosen[:, slot_experts]                                                  # [n_tok, S]
-    return np.where(keep, values, -np.inf).astype(np.float32)
+    complete = keep.sum(-1) == routed.selected.shape[1]                             # [n_tok]
+    return np.where(keep | ~complete[:, None], values, -np.inf).astype(np.float32)

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import llama_cpp
 import numpy as np
-import psutil
 from llama_cpp import Llama
 from llama_cpp import _internals as internals
 
@@ -38,7 +37,7 @@ from .router import FullRouter, RouterBatch, RouterTap
 from .routing import hit_shares
 from .policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calibrate
 from .scheduler import ImportanceScheduler, SchedulerConfig
-from .telemetry import Telemetry, TelemetrySnapshot
+from .telemetry import RssProbe, Telemetry, TelemetrySnapshot
 from .vmodel import VirtualExpertModel
 
 if TYPE_CHECKING:
@@ -144,6 +143,7 @@ class SwapMoELlama(Llama):
                  scheduler: SchedulerConfig | None = None, calibration: str | None = None,
                  plan: "Plan | str | None" = None,
                  initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
+                 max_dropped_mass: float = 1.0,
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  logits_all: bool = False, flash_attn: bool = True, repack: bool = True, verbose: bool = False,
                  **kwargs: Any):
@@ -161,6 +161,14 @@ class SwapMoELlama(Llama):
         policy = policy or "swapmoe"
         if policy not in POLICIES:
             raise SwapMoEError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        if not 0.0 <= max_dropped_mass <= 1.0:
+            raise SwapMoEError(f"max dropped mass must be between 0 and 1, got {max_dropped_mass:g}")
+        if max_dropped_mass < 1.0 and policy == "static":
+            raise SwapMoEError("a quality floor (max dropped mass < 1) needs a policy that swaps: swapmoe or exact")
+        if max_dropped_mass == 0.0 and policy == "swapmoe":
+            policy = "exact"  # nothing may be dropped: that is `exact`
+        self.max_dropped_mass = max_dropped_mass if policy == "swapmoe" else 1.0
+        reserved = 1 if self.max_dropped_mass < 1.0 else 0  # the floor's synchronous reads (expert_store)
         info = read_gguf(model_path)
         problem = info.run_problem()
         if problem:  # before any sizing: a non-MoE file has no experts to budget
@@ -174,24 +182,24 @@ class SwapMoELlama(Llama):
             experts_per_layer = n_expert
         n_batch_eff = min(n_ctx, n_batch) if n_ctx else n_batch
         mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
-                       logits_all=logits_all, staging_buffers=staging_buffers, flash_attn=flash_attn)
+                       logits_all=logits_all, staging_buffers=staging_buffers + reserved, flash_attn=flash_attn)
         self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
         self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
         self.requested_policy = policy  # what a budget change returns to when not everything fits
         if self.memory.slots == n_expert and policy != "full":
             log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
             policy = "full"
-        if self.requested_policy == "exact":
-            # Lossless needs each micro-batch's top-k experts to fit in the S slots: one token at a time.
-            n_batch = n_ubatch = 1
+        if self.requested_policy == "exact" or self.max_dropped_mass < 1.0:
+            n_ubatch = min(n_ubatch, self._lossless_ubatch(self.memory.slots, info.params.n_expert_used))
         self.policy_name = policy
         self.static_rank: dict[int, list[int]] | None = None  # static: calibration order per layer
         self.telemetry_ = Telemetry()
-        self._proc = psutil.Process()
+        self._rss = RssProbe()
         self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
         self.repack = repack
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts, repack=repack,
-                                         n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info)
+                                         n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info,
+                                         reserved_buffers=reserved)
         self.policy = self._make_policy(policy, scheduler)
         self._stop = threading.Event()
         self.commit_rate = (scheduler or SchedulerConfig()).commit_rate
@@ -200,8 +208,8 @@ class SwapMoELlama(Llama):
         # the exact policy also needs the probability nodes: decided by what was asked for, so that a
         # budget change from `full` back to `exact` finds them
         self.full_router = self._full_router()
-        self.tap = RouterTap(self.full_router, in_graph=self.policy if isinstance(self.policy, ExactPolicy) else None,
-                             probs=self.requested_policy == "exact")
+        self.tap = RouterTap(self.full_router, in_graph=getattr(self.policy, "in_graph", None),
+                             probs=self.requested_policy == "exact" or self.max_dropped_mass < 1.0)
         self.tap.enabled = False
         self.tap.stride = (scheduler or SchedulerConfig()).observe_every if policy == "swapmoe" else 1
         try:
@@ -220,6 +228,12 @@ class SwapMoELlama(Llama):
         self._sample_rss()
         log.info("SwapMoE (%s): %d of %d experts per layer resident; %s", policy, self.memory.slots,
                  n_expert, self.memory.parts())
+
+    @staticmethod
+    def _lossless_ubatch(slots: int, top_k: int) -> int:
+        """Micro-batch size whose tokens' experts always fit in the slots (S // k): `exact` and the
+        quality floor then route every token of a prompt exactly, S // k tokens per graph."""
+        return max(1, slots // max(1, top_k))
 
     def _full_router(self) -> FullRouter:
         vm = self.vmodel
@@ -241,11 +255,14 @@ class SwapMoELlama(Llama):
         self.vmodel.check_unused_absent(self.tap.graph_inputs)
         log.debug("routing: %s", {l: s for l, s in self.full_router.specs.items()})
 
-    def _make_policy(self, name: str, cfg: SchedulerConfig | None) -> ResidencyPolicy:
+    def _make_policy(self, name: str, cfg: SchedulerConfig | None,
+                     scheduler: ImportanceScheduler | None = None) -> ResidencyPolicy:
         vm = self.vmodel
         if name == "swapmoe":
-            return SwapMoEPolicy(ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k,
-                                                     vm.info.expert_norms, cfg or SchedulerConfig()))  # type: ignore[arg-type]
+            sched = scheduler or ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
+                                                     cfg or SchedulerConfig())
+            floor = ExactPolicy(self, self.max_dropped_mass, sched) if self.max_dropped_mass < 1.0 else None
+            return SwapMoEPolicy(sched, floor)
         if name == "exact":
             return ExactPolicy(self)
         return StaticPolicy() if name == "static" else FullPolicy()
@@ -254,7 +271,13 @@ class SwapMoELlama(Llama):
         """`static`: fix each layer's top-S experts by importance over a calibration text."""
         if text is None:
             text = (resources.files("swapmoe_gguf") / "data" / "calibration.txt").read_text(encoding="utf-8")
-        self.static_rank = calibrate(self, self.tokenize(text.encode(), add_bos=True))
+        from . import calib_cache
+
+        vm = self.vmodel
+        self.static_rank = calib_cache.load(vm.info, text, vm.slots, self.n_ctx())
+        if self.static_rank is None:
+            self.static_rank = calibrate(self, self.tokenize(text.encode(), add_bos=True))
+            calib_cache.save(vm.info, text, vm.slots, self.n_ctx(), self.static_rank)
         for layer, order in self.static_rank.items():
             want = order[: self.vmodel.slots]
             slots = self.vmodel.slot_map[layer]
@@ -311,7 +334,7 @@ class SwapMoELlama(Llama):
         self.telemetry_.add_hits(np.concatenate(shares) if len(shares) > 1 else shares[0])
 
     def _sample_rss(self) -> int:
-        rss = self._proc.memory_info().rss
+        rss = self._rss()
         self.telemetry_.peak_rss_bytes = max(self.telemetry_.peak_rss_bytes, rss)
         return rss
 
@@ -360,7 +383,7 @@ class SwapMoELlama(Llama):
         budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
         vm = self.vmodel
         mem0 = estimate(vm.info, n_ctx=self.n_ctx(), n_batch=self.n_batch, logits_all=self._logits_all,
-                        staging_buffers=vm.store.staging_buffers, baseline=self.memory.baseline,
+                        staging_buffers=vm.store.staging_buffers + vm.store.reserved, baseline=self.memory.baseline,
                         flash_attn=self.flash_attn)
         new = plan_slots(mem0, budget, experts_per_layer)
         self.budget_bytes = budget.resolve(mem0.total(mem0.n_expert)) if budget else None
@@ -375,9 +398,11 @@ class SwapMoELlama(Llama):
         vm.close()
         _trim()
         self.vmodel = VirtualExpertModel(path, new.slots, initial=initial, n_gpu_layers=ngl, staging_buffers=staging,
-                                         repack=self.repack)
+                                         repack=self.repack, reserved_buffers=vm.store.reserved)
         self._model.model = self.vmodel.model
         self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)
+        if self.requested_policy == "exact" or self.max_dropped_mass < 1.0:
+            self.context_params.n_ubatch = self._lossless_ubatch(new.slots, vm.top_k)
         self._ctx = _HookedContext(runtime=self, model=self._model, params=self.context_params, verbose=self.verbose)
         specs = self.full_router.specs
         self.full_router = self._full_router()
@@ -386,12 +411,10 @@ class SwapMoELlama(Llama):
         self.memory = new
         name = "full" if new.slots == self.vmodel.n_expert else (
             "swapmoe" if self.requested_policy == "full" else self.requested_policy)
-        if name != self.policy_name or name == "exact":
+        if name != self.policy_name or getattr(self.policy, "in_graph", None) is not None:  # per-slot state
             keep = getattr(self.policy, "scheduler", None)
-            self.policy = self._make_policy(name, keep.config if keep else None)
-            if keep is not None and isinstance(self.policy, SwapMoEPolicy):
-                self.policy.scheduler = keep
-            self.tap.in_graph = self.policy if isinstance(self.policy, ExactPolicy) else None
+            self.policy = self._make_policy(name, keep.config if keep else None, keep)
+            self.tap.in_graph = getattr(self.policy, "in_graph", None)
             self.policy_name = name
         self.tap.enabled = self.policy.observes
         self.reset()
@@ -436,6 +459,8 @@ class SwapMoELlama(Llama):
             super().close()
         if hasattr(self, "vmodel"):
             self.vmodel.close()
+        if hasattr(self, "_rss"):
+            self._rss.close()
 
 
 __all__ = ["SwapMoELlama", "ResidencyPolicy", "BudgetError", "SchedulerConfig"]

@@ -21,6 +21,7 @@ class ModelSettings:
     memory_budget: str | None = None
     experts_per_layer: int | None = None
     policy: str | None = None
+    max_dropped_mass: float = 1.0       # swapmoe's quality floor: 1 none, 0 lossless (exact)
     plan: str | None = None
     ctx_size: int = 4096
     threads: int = 0                    # 0: half the CPUs, as llama.cpp
@@ -37,7 +38,8 @@ class ModelSettings:
         path = self.model or str(default_model())
         threads = self.threads or max(1, (os.cpu_count() or 2) // 2)
         return SwapMoELlama(path, memory_budget=self.memory_budget, experts_per_layer=self.experts_per_layer,
-                            policy=self.policy, plan=self.plan, n_ctx=self.ctx_size, n_batch=self.batch_size,
+                            policy=self.policy, plan=self.plan, max_dropped_mass=self.max_dropped_mass,
+                            n_ctx=self.ctx_size, n_batch=self.batch_size,
                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,
                             seed=self.seed if self.seed >= 0 else 0xFFFFFFFF, repack=not self.no_repack,
                             verbose=self.verbose)
@@ -59,6 +61,17 @@ class SamplingSettings:
                 "repeat_penalty": self.repeat_penalty, "max_tokens": None if self.n_predict < 0 else self.n_predict}
 
 
+def dropped_mass(text: str) -> float:
+    """argparse type of --max-dropped-mass: a share in [0, 1]."""
+    try:
+        tau = float(text)
+    except ValueError:
+        tau = -1.0
+    if not 0.0 <= tau <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return tau
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and memory")
     g.add_argument("-m", "--model", default=None,
@@ -68,6 +81,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts-per-layer", type=int, default=None, help="resident experts per layer S")
     g.add_argument("--policy", default=None, choices=("swapmoe", "static", "exact", "full"),
                    help="residency policy (default swapmoe, or the plan's)")
+    g.add_argument("--max-dropped-mass", type=dropped_mass, default=1.0, metavar="TAU",
+                   help="swapmoe's quality floor: where more than this share of the full model's expert weight "
+                        "falls on non-resident experts, load them and route exactly (1: never, default; 0: exact)")
     g.add_argument("--plan", default=None, help="plan JSON from `swapmoe plan`")
     g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length")
     g.add_argument("-t", "--threads", type=int, default=0, help="threads (default: half the CPUs)")

@@ -1,6 +1,7 @@
 """Runtime telemetry: counters updated by the runtime, read as immutable snapshots."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -48,3 +49,28 @@ class Telemetry:
     @property
     def hit_rate(self) -> float | None:
         return self.hit_mass / self.hit_count if self.hit_count else None
+
+
+class RssProbe:
+    """The process's resident set size, cheap enough to read on every decode step: one pread of
+    /proc/self/statm on Linux (psutil opens and parses a file per call: ~150 us, measured as 3-5 % of
+    a small model's step), psutil elsewhere. The same number as psutil's `rss`."""
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def __call__(self) -> int:
+        if self._fd is not None:
+            return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+        import psutil  # not Linux, or closed
+
+        return int(psutil.Process().memory_info().rss)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -71,7 +71,7 @@ class VirtualExpertModel:
 
     def __init__(self, path: str | Path, slots: int, *, initial: dict[int, list[int]] | None = None,
                  n_gpu_layers: int = 0, staging_buffers: int = 2, info: GGUFInfo | None = None,
-                 repack: bool = True):
+                 repack: bool = True, reserved_buffers: int = 0):
         self.info = info = info if info is not None else read_gguf(path)  # reuse the caller's parse
         problem = info.run_problem()  # a GGUF that is not swap-ready still runs, read in place
         if problem:
@@ -85,7 +85,7 @@ class VirtualExpertModel:
         if not k <= slots <= n:
             raise SwapMoEError(f"experts per layer must be between top-k={k} and n_expert={n}, got {slots}")
         self.slots, self.n_expert, self.top_k = slots, n, k
-        self.store = ExpertStore(info, staging_buffers=staging_buffers)
+        self.store = ExpertStore(info, staging_buffers=staging_buffers, reserved=reserved_buffers)
         self.moe_layers = info.moe_layers
         self.slot_map = {l: list((initial or {}).get(l) or self._default_set(l)) for l in self.moe_layers}
         for l, experts in self.slot_map.items():
@@ -396,7 +396,7 @@ class VirtualExpertModel:
 
     def swap(self, layer: int, slot: int, expert: int) -> None:
         """Synchronous swap: read, then commit. (The scheduler reads ahead instead.)"""
-        staged = self.store.read(layer, expert)
+        staged = self.store.read(layer, expert, sync=True)
         try:
             self.commit(slot, staged)
         finally:

@@ -71,6 +71,37 @@ def test_static_never_swaps_and_equals_fixed_build(models):
         st.close()
 
 
+def test_static_calibration_is_cached_per_model_text_and_slots(models, tmp_path, monkeypatch):
+    from swapmoe_gguf import calib_cache, policies
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = str(models["qwen3moe"])
+    calls = []
+    real = policies.calibrate
+    monkeypatch.setattr("swapmoe_gguf.runtime.calibrate", lambda *a: calls.append(1) or real(*a))
+    sets = []
+    for _ in range(2):
+        st = SwapMoELlama(path, policy="static", experts_per_layer=2, **KW)
+        sets.append((st.static_rank, {l: list(v) for l, v in st.vmodel.slot_map.items()}))
+        info, ctx = st.vmodel.info, st.n_ctx()
+        st.close()
+    assert len(calls) == 1 and sets[0] == sets[1]  # the second build read the cache
+    from importlib import resources
+
+    cached = calib_cache.calib_path(info, (resources.files("swapmoe_gguf") / "data" / "calibration.txt")
+                                    .read_text(encoding="utf-8"), 2, ctx)
+    assert cached.is_file()
+    cached.write_text("{not json")  # a damaged cache is ignored and rewritten
+    st = SwapMoELlama(path, policy="static", experts_per_layer=2, **KW)
+    try:
+        assert len(calls) == 2 and st.static_rank == sets[0][0]
+    finally:
+        st.close()
+    st = SwapMoELlama(path, policy="static", experts_per_layer=3, **KW)  # another S: calibrated anew
+    st.close()
+    assert len(calls) == 3
+
+
 def test_swapmoe_swaps_between_decodes_and_tracks_the_router(models):
     path = str(models["mixtral"])
     from swapmoe_gguf.scheduler import SchedulerConfig

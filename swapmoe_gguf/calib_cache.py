@@ -1,0 +1,65 @@
+"""`static`'s calibration, cached per model file, calibration text and slot count.
+
+Calibrating runs the whole calibration text through the model (70 s for the 48-layer synthetic model
+in issue #14's measurement) and gives the same ranking every time for the same inputs, so it is done
+once and kept next to the device profiles (`~/.cache/swapmoe-gguf/calibration/`). The key holds what
+the ranking depends on: the file's identity (size, mtime, a hash of its first MiB), the text, the
+slot count S (calibration routes among the S experts resident while it runs) and a format version.
+A cache that is unreadable or for other inputs is ignored (and rewritten).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from .gguf_info import GGUFInfo
+from .paths import cache_dir
+from .profile import model_fingerprint
+
+log = logging.getLogger(__name__)
+CALIB_VERSION = 1  # bump when the importance score or the calibration procedure changes
+
+
+def _key(info: GGUFInfo, text: str, slots: int, n_ctx: int) -> str:
+    h = hashlib.sha256(f"v{CALIB_VERSION}|{model_fingerprint(info.path)}|S{slots}|c{n_ctx}|".encode())
+    h.update(text.encode())
+    return h.hexdigest()[:24]
+
+
+def calib_path(info: GGUFInfo, text: str, slots: int, n_ctx: int) -> Path:
+    return cache_dir() / "calibration" / f"{info.path.name}-{_key(info, text, slots, n_ctx)}.json"
+
+
+def load(info: GGUFInfo, text: str, slots: int, n_ctx: int) -> dict[int, list[int]] | None:
+    """The cached ranking (layer -> experts, most important first), or None."""
+    path = calib_path(info, text, slots, n_ctx)
+    try:
+        data = json.loads(path.read_text())
+        rank = {int(l): [int(e) for e in order] for l, order in data["rank"].items()}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.info("ignoring unreadable calibration cache %s", path)
+        return None
+    if sorted(rank) != sorted(info.moe_layers) or any(sorted(o) != list(range(info.n_expert)) for o in rank.values()):
+        log.info("ignoring calibration cache %s: it does not fit this model", path)
+        return None
+    log.info("using cached calibration %s", path)
+    return rank
+
+
+def save(info: GGUFInfo, text: str, slots: int, n_ctx: int, rank: dict[int, list[int]]) -> None:
+    """Write atomically (a reader never sees half a file); a cache that cannot be written is skipped."""
+    path = calib_path(info, text, slots, n_ctx)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"version": CALIB_VERSION, "slots": slots,
+                                   "rank": {str(l): order for l, order in rank.items()}}))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("calibration not cached (%s)", e)
+        tmp.unlink(missing_ok=True)
