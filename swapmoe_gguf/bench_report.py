@@ -18,6 +18,18 @@ def _f(v: Any, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _name(r: dict) -> str:
+    """A row's policy, with its quality floor when it has one."""
+    tau = r.get("max_dropped_mass", 1.0)
+    name = "llama-cpp-python (plain)" if r["policy"] == "plain" else r["policy"]
+    return name if tau is None or tau >= 1.0 else f"{name} (floor {tau:g})"
+
+
+def _plain_rows(rows: list[dict]) -> list[dict]:
+    """Rows without a quality floor (the policies the targets compare)."""
+    return [r for r in rows if r.get("max_dropped_mass", 1.0) >= 1.0]
+
+
 def speed_table(rows: list[dict]) -> str:
     out = ["| policy | budget | S | decode tok/s | prefill tok/s | TTFT ms | p50 ms | p99 ms | peak RSS | "
            "budget bytes | disk read / token | hit rate | swaps / token |",
@@ -25,8 +37,7 @@ def speed_table(rows: list[dict]) -> str:
     for r in rows:
         s = "-" if r["experts_per_layer"] is None else f"{r['experts_per_layer']}/{r['n_expert']}"
         ok = "" if r["within_budget"] is None else (" ok" if r["within_budget"] else " **over**")
-        name = "llama-cpp-python (plain)" if r["policy"] == "plain" else r["policy"]
-        out.append(f"| {name} | {r['budget_pct']:g}% | {s} | {_f(r['decode_tok_s'])} | {_f(r['prefill_tok_s'])} | "
+        out.append(f"| {_name(r)} | {r['budget_pct']:g}% | {s} | {_f(r['decode_tok_s'])} | {_f(r['prefill_tok_s'])} | "
                    f"{_f(r['ttft_ms'], '.0f')} | {_f(r['p50_ms'], '.1f')} | {_f(r['p99_ms'], '.1f')} | "
                    f"{fmt(r['peak_rss']) if r['peak_rss'] else '-'}{ok if r['policy'] != 'plain' else ''} | "
                    f"{fmt(r['budget_bytes']) if r['budget_bytes'] else '-'} | "
@@ -64,7 +75,7 @@ def quality_table(rows: list[dict]) -> str:
     out = ["| policy | share of experts | S | perplexity | KL vs full | top-1 agreement | hit rate | swaps |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['policy']} | {r['budget_pct']:g}% | {r['experts_per_layer']}/{r['n_expert']} | "
+        out.append(f"| {_name(r)} | {r['budget_pct']:g}% | {r['experts_per_layer']}/{r['n_expert']} | "
                    f"{r['ppl']:.3f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | {_f(r['hit_rate'], '.3f')} | "
                    f"{r['swaps']} |")
     return "\n".join(out)
@@ -72,7 +83,8 @@ def quality_table(rows: list[dict]) -> str:
 
 def targets(speed: list[dict], quality: list[dict], types: list[dict] | None = None) -> list[str]:
     """One line per target: the measured value, the target, met or not."""
-    lines = []
+    lines = floor_targets(speed, quality)
+    speed, quality = _plain_rows(speed), _plain_rows(quality)
     for t, f, p in _type_pairs(types or []):
         rd, rp = _ratio(f["decode_tok_s"], p["decode_tok_s"]), _ratio(f["prefill_tok_s"], p["prefill_tok_s"])
         if rd is not None and rp is not None:
@@ -100,6 +112,31 @@ def targets(speed: list[dict], quality: list[dict], types: list[dict] | None = N
                          f", swapmoe/exact = {c:.2f} (target >= 3: {'met' if c >= 3 else 'missed'})")
     over = [f"{r['policy']}@{r['budget_pct']:g}%" for r in speed if r["within_budget"] is False and r["policy"] != "plain"]
     lines.append("peak RSS within budget in every cell: " + ("yes" if not over else "NO: " + ", ".join(over)))
+    return lines
+
+
+def floor_targets(speed: list[dict], quality: list[dict]) -> list[str]:
+    """Issue #14: at half the experts, a floor with KL <= 1/3 of plain swapmoe's and decode >= 0.7x its speed."""
+    lines = []
+    for r in quality:
+        tau = r.get("max_dropped_mass", 1.0)
+        if tau >= 1.0:
+            continue
+        base = next((q for q in quality if q["policy"] == "swapmoe" and q["budget_pct"] == r["budget_pct"]
+                     and q.get("max_dropped_mass", 1.0) >= 1.0), None)
+        fast = next((x for x in speed if x["policy"] == "swapmoe" and x["budget_pct"] == r["budget_pct"]
+                     and x.get("max_dropped_mass", 1.0) >= 1.0), None)
+        slow = next((x for x in speed if x["policy"] == "swapmoe" and x["budget_pct"] == r["budget_pct"]
+                     and x.get("max_dropped_mass", 1.0) == tau), None)
+        if base is None or not base["kl"]:
+            continue
+        kl = r["kl"] / base["kl"]
+        line = f"floor {tau:g} at {r['budget_pct']:g}%: KL floor/swapmoe = {kl:.2f} (target <= 0.33: " \
+               f"{'met' if kl <= 1 / 3 else 'missed'})"
+        if fast and slow and fast["decode_tok_s"] and slow["decode_tok_s"]:
+            sp = slow["decode_tok_s"] / fast["decode_tok_s"]
+            line += f", decode floor/swapmoe = {sp:.2f} (target >= 0.7: {'met' if sp >= 0.7 else 'missed'})"
+        lines.append(line)
     return lines
 
 
@@ -133,20 +170,28 @@ def plot(path: Path, speed: list[dict], quality: list[dict]) -> None:
     colors = {"swapmoe": "tab:blue", "static": "tab:orange", "exact": "tab:green", "full": "black",
               "plain": "tab:gray"}
     for pol in ("static", "swapmoe", "exact"):
-        pts = sorted((r["budget_pct"], r["kl"]) for r in quality if r["policy"] == pol)
+        pts = sorted((r["budget_pct"], r["kl"]) for r in _plain_rows(quality) if r["policy"] == pol)
         if pts:
             qa.plot(*zip(*pts), "o-", color=colors[pol], label=pol)
+    for tau in sorted({r.get("max_dropped_mass", 1.0) for r in quality} - {1.0}):
+        pts = sorted((r["budget_pct"], r["kl"]) for r in quality if r.get("max_dropped_mass", 1.0) == tau)
+        qa.plot(*zip(*pts), "o--", color="tab:purple", label=f"swapmoe, floor {tau:g}")
     qa.set_xlabel("experts resident per layer (% of all)")
     qa.set_ylabel("KL(full || policy), nats / token")
     qa.set_title("quality vs memory (trained model)")
     qa.grid(alpha=0.3)
     qa.legend()
     for pol in ("static", "swapmoe", "exact", "full", "plain"):
-        pts = sorted((r["peak_rss"] / 2 ** 30, r["decode_tok_s"]) for r in speed
+        pts = sorted((r["peak_rss"] / 2 ** 30, r["decode_tok_s"]) for r in _plain_rows(speed)
                      if r["policy"] == pol and r["peak_rss"] and r["decode_tok_s"])
         if pts:
             sa.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", color=colors[pol],
                     label="llama-cpp-python" if pol == "plain" else pol)
+    for tau in sorted({r.get("max_dropped_mass", 1.0) for r in speed} - {1.0}):
+        pts = sorted((r["peak_rss"] / 2 ** 30, r["decode_tok_s"]) for r in speed
+                     if r.get("max_dropped_mass", 1.0) == tau and r["peak_rss"] and r["decode_tok_s"])
+        if pts:
+            sa.plot(*zip(*pts), "o--", color="tab:purple", label=f"swapmoe, floor {tau:g}")
     sa.set_xlabel("peak RSS (GiB)")
     sa.set_ylabel("decode tokens/s")
     sa.set_title("speed vs memory (synthetic model)")

@@ -45,6 +45,7 @@ class SpeedCell:
     n_ctx: int
     label: str = ""          # a type cell: its quant type
     drop_cache: bool = True  # drop the file's pages before the measured request (misses go to disk)
+    max_dropped_mass: float = 1.0  # swapmoe's quality floor (1: none)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class SpeedResult:
     budget_pct: float
     label: str = ""
     repacked_tensors: int | None = None
+    max_dropped_mass: float = 1.0
     experts_per_layer: int | None = None
     n_expert: int | None = None
     decode_tok_s: list[float] = field(default_factory=list)   # one per round
@@ -71,6 +73,7 @@ class SpeedResult:
         pct = lambda q: round(float(_percentile(self.step_ms, q)), 2) if self.step_ms else None  # noqa: E731
         peak = max(self.peak_rss) if self.peak_rss else None
         return {"policy": self.policy, "budget_pct": self.budget_pct, "label": self.label,
+                "max_dropped_mass": self.max_dropped_mass,
                 "repacked_tensors": self.repacked_tensors, "experts_per_layer": self.experts_per_layer,
                 "n_expert": self.n_expert, "decode_tok_s": med(self.decode_tok_s),
                 "prefill_tok_s": med(self.prefill_tok_s), "ttft_ms": med(self.ttft_ms), "p50_ms": pct(50),
@@ -141,7 +144,8 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
             # the S the runtime picks for this budget (as for static and exact), then F and Q for it
             slots = plan_slots(estimate(info, n_ctx=cell.n_ctx, n_batch=kw["n_batch"]), budget, None).slots
             plan = make_plan(info, prof, budget, n_ctx=cell.n_ctx, threads=cell.threads, experts_per_layer=slots)
-        llm = SwapMoELlama(cell.model, policy=cell.policy, memory_budget=f"{cell.budget_pct:g}%", plan=plan, **kw)
+        llm = SwapMoELlama(cell.model, policy=cell.policy, memory_budget=f"{cell.budget_pct:g}%", plan=plan,
+                           max_dropped_mass=cell.max_dropped_mass, **kw)
     ours = isinstance(llm, SwapMoELlama)
     try:
         # Teacher-forced: every cell decodes the same token stream (a text, one token per step), so
@@ -202,17 +206,19 @@ def _run_in_child(cell: SpeedCell, timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1])  # a result, or {"error": ...} for bad input
 
 
-def speed_cells(model: str, budgets: list[float], n_predict: int, threads: int, n_ctx: int) -> list[SpeedCell]:
+def speed_cells(model: str, budgets: list[float], n_predict: int, threads: int, n_ctx: int,
+                floors: tuple[float, ...] = ()) -> list[SpeedCell]:
     cells = [SpeedCell(model, p, 100.0, n_predict, threads, n_ctx) for p in ("full", "plain")]
     for b in budgets:
         if b < 100:
             cells += [SpeedCell(model, p, b, n_predict, threads, n_ctx) for p in SPEED_POLICIES]
+            cells += [SpeedCell(model, "swapmoe", b, n_predict, threads, n_ctx, max_dropped_mass=t) for t in floors]
     return cells
 
 
 def run_speed(cells: list[SpeedCell], rounds: int, timeout: float = 900) -> list[SpeedResult]:
     """Every cell once per round, in order (interleaved), each in a fresh process."""
-    results = {c: SpeedResult(c.policy, c.budget_pct, c.label) for c in cells}
+    results = {c: SpeedResult(c.policy, c.budget_pct, c.label, max_dropped_mass=c.max_dropped_mass) for c in cells}
     for r in range(rounds):
         for c in cells:
             log.info("round %d/%d: %s at %g%%", r + 1, rounds, c.policy, c.budget_pct)
@@ -237,16 +243,19 @@ def slots_for(pct: float, n_expert: int, top_k: int) -> int:
     return max(top_k, min(n_expert, round(pct / 100 * n_expert)))
 
 
-def run_quality(model: str, text: str, budgets: list[float], *, ctx: int, chunks: int, threads: int) -> list[dict]:
+def run_quality(model: str, text: str, budgets: list[float], *, ctx: int, chunks: int, threads: int,
+                floors: tuple[float, ...] = ()) -> list[dict]:
     from .evaluate import run_eval_cells
     from .gguf_info import read_gguf
 
     info = read_gguf(model)
     n, k = info.n_expert, info.params.n_expert_used
-    cells = [(p, slots_for(b, n, k), b) for b in budgets if slots_for(b, n, k) < n for p in SPEED_POLICIES]
-    res = run_eval_cells(model, text, [(p, s, None) for p, s, _ in cells], ctx=ctx, chunks=chunks, threads=threads)
+    cells = [(p, slots_for(b, n, k), b, 1.0) for b in budgets if slots_for(b, n, k) < n for p in SPEED_POLICIES]
+    cells += [("swapmoe", slots_for(b, n, k), b, t) for b in budgets if slots_for(b, n, k) < n for t in floors]
+    res = run_eval_cells(model, text, [(p, s, None, t) for p, s, _, t in cells], ctx=ctx, chunks=chunks,
+                         threads=threads)
     rows = [asdict(res[0]) | {"budget_pct": 100.0}]
-    rows += [asdict(r) | {"budget_pct": b} for r, (_, _, b) in zip(res[1:], cells)]
+    rows += [asdict(r) | {"budget_pct": b} for r, (_, _, b, _) in zip(res[1:], cells)]
     return rows
 
 
@@ -267,6 +276,7 @@ class BenchOptions:
     eval_ctx: int = 256
     quick: bool = False
     types: tuple[str, ...] = ("q4_k_m",)  # quant types for the stock-speed rows
+    floors: tuple[float, ...] = (0.3,)     # swapmoe's quality floors measured beside plain swapmoe
 
     @classmethod
     def quick_options(cls, **kw: Any) -> "BenchOptions":
@@ -360,14 +370,15 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
     from .profile import load_or_measure
 
     load_or_measure(info, threads=threads)  # profile once (cached), before anything is timed
-    cells = speed_cells(speed_model, sorted(o.budgets, reverse=True), o.n_predict, threads, o.n_ctx)
+    cells = speed_cells(speed_model, sorted(o.budgets, reverse=True), o.n_predict, threads, o.n_ctx, o.floors)
     cells += [SpeedCell(str(typed_model(t, o.quick)), p, 100.0, o.n_predict, threads, o.n_ctx, label=t,
                         drop_cache=False) for t in o.types for p in ("full", "plain")]
     t0 = time.perf_counter()
     measured = [r.summary() for r in run_speed(cells, o.rounds)]
     speed = [r for r in measured if not r["label"]]
     types = [r for r in measured if r["label"]]
-    quality = run_quality(quality_model, text, list(o.budgets), ctx=o.eval_ctx, chunks=o.chunks, threads=threads)
+    quality = run_quality(quality_model, text, list(o.budgets), ctx=o.eval_ctx, chunks=o.chunks, threads=threads,
+                          floors=o.floors)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "threads": threads, "rounds": o.rounds, "n_predict": o.n_predict, "version": __version__,
             "speed_model": f"{Path(speed_model).name} ({info.total_bytes / 2 ** 30:.2f} GiB, {len(info.moe_layers)} "

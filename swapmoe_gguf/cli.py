@@ -136,9 +136,15 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from .converters.quant import out_type
 
         types = tuple(out_type(t.strip()).name for t in a.types.split(",") if t.strip())  # unknown: QuantError
+    floors = None
+    if a.floors is not None:
+        try:
+            floors = tuple(dropped_mass(t.strip()) for t in a.floors.split(",") if t.strip())
+        except argparse.ArgumentTypeError as e:
+            raise SwapMoEError(f"bench: --floors: {e}") from None
     kw = {k: v for k, v in dict(out_dir=a.output, speed_model=a.model, quality_model=a.quality_model, text=a.text,
                                 budgets=budgets, n_predict=a.n_predict, rounds=a.rounds, threads=a.threads,
-                                chunks=a.chunks, types=types).items() if v is not None}
+                                chunks=a.chunks, types=types, floors=floors).items() if v is not None}
     opts = BenchOptions.quick_options(**kw) if a.quick else BenchOptions(**kw)
     if opts.n_predict < 2 or opts.rounds < 1 or opts.chunks < 1:
         raise SwapMoEError("bench: need -n >= 2, --rounds >= 1 and --chunks >= 1")
@@ -233,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-t", "--threads", type=int, default=None)
     b.add_argument("--types", default=None, help="quant types for the stock-speed rows, `full` vs plain "
                    "llama-cpp-python (default q4_k_m; '' for none)")
+    b.add_argument("--floors", default=None, help="swapmoe quality floors (--max-dropped-mass) measured beside "
+                   "plain swapmoe at each budget (default 0.3; '' for none)")
     b.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json, bench.png")
     b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
     b.set_defaults(func=_cmd_bench)

@@ -6,8 +6,8 @@ llama-cpp-python 0.3.36 sdist) and caches it; every llama.cpp run happens in a c
 
 * `full` on the `swapmoe convert` re-layout equals stock llama-cpp-python on the converted file,
   bit for bit, at every position of three prompts;
-* `exact` with 4 of 8 experts per layer equals stock decoding one token at a time (the runtime's
-  exact policy decodes token by token), up to float rounding of the routing weights;
+* `exact` with 4 of 8 experts per layer (micro-batches of S // k tokens) equals stock decoding one
+  token at a time, up to float rounding (routing weights, micro-batch sizes);
 * `swapmoe` and `static` with 4 of 8 experts per layer run and give finite logits.
 
 Known failures are xfail(strict=True) with the measured error, so a fix shows up as XPASS.

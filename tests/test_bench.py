@@ -20,8 +20,11 @@ def test_bench_quick_end_to_end(tmp_path):
     assert "## Speed and memory" in table and "## Quality" in table and "## Targets" in table
     assert table in r.stdout
     data = json.loads((out / "bench.json").read_text())
-    speed = {(row["policy"], row["budget_pct"]): row for row in data["speed"]}
-    assert set(speed) == {("full", 100), ("plain", 100), ("static", 50), ("exact", 50), ("swapmoe", 50)}
+    speed = {(row["policy"], row["budget_pct"], row["max_dropped_mass"]): row for row in data["speed"]}
+    assert set(speed) == {("full", 100, 1), ("plain", 100, 1), ("static", 50, 1), ("exact", 50, 1), ("swapmoe", 50, 1),
+                          ("swapmoe", 50, 0.3)}  # the last: the default quality floor
+    assert "| swapmoe (floor 0.3) | 50% |" in table
+    speed = {(p, b): row for (p, b, t), row in speed.items() if t == 1}
     for (policy, _), row in speed.items():
         assert not row["errors"], row
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss"] > 0
@@ -32,10 +35,13 @@ def test_bench_quick_end_to_end(tmp_path):
     assert speed[("static", 50)]["experts_per_layer"] == s < speed[("full", 100)]["experts_per_layer"]
     assert speed[("static", 50)]["swaps_per_token"] == 0 and speed[("static", 50)]["hit_rate"] is None
     assert speed[("full", 100)]["peak_rss"] > speed[("static", 50)]["peak_rss"]
-    quality = {row["policy"]: row for row in data["quality"]}
+    floor = [row for row in data["quality"] if row["max_dropped_mass"] == 0.3]
+    quality = {row["policy"]: row for row in data["quality"] if row["max_dropped_mass"] == 1}
     assert quality["full"]["kl"] == 0 and quality["full"]["ppl"] < 60
     assert quality["exact"]["kl"] < 1e-3                  # lossless
     assert quality["static"]["kl"] > quality["swapmoe"]["kl"] > 0
+    assert len(floor) == 1 and floor[0]["kl"] < quality["swapmoe"]["kl"]
+    assert any(t.startswith("floor 0.3 at 50%: KL floor/swapmoe = ") for t in data["targets"])
     assert data["targets"] and data["targets"] == targets(data["speed"], data["quality"], data["types"])
     # the stock-speed row: `full` and plain llama-cpp-python on a Q4_K_M file of the same shape
     types = {(row["label"], row["policy"]): row for row in data["types"]}
@@ -58,6 +64,7 @@ def test_bench_quick_end_to_end(tmp_path):
     (["--rounds", "0"], "need -n >= 2"),
     (["--text", "/nonexistent/file.txt"], "cannot read"),
     (["--types", "q4_k_m,q9"], "unknown --type 'q9'"),
+    (["--floors", "0.3,2"], "--floors: expected a share between 0 and 1"),
 ])
 def test_bench_bad_input_is_one_line(tmp_path, args, message):
     r = run_cli("bench", "--quick", "-o", tmp_path, *args, timeout=600)
