@@ -34,6 +34,7 @@ from .errors import SwapMoEError
 from .settings import SamplingSettings
 
 log = logging.getLogger(__name__)
+PUBLIC_PATHS = frozenset({"/health", "/v1/health"})  # no API key needed (llama-server's list)
 
 # llama-cpp-python request fields that `Llama.create_*` does not take
 _EXCLUDE = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "model", "functions", "function_call",
@@ -244,9 +245,11 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if s.api_key and request.url.path != "/health":
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        # as llama-server: health is public, a browser's CORS preflight carries no key, and the key
+        # may come as `Authorization: Bearer KEY` or Anthropic's `X-Api-Key: KEY`
+        if s.api_key and request.url.path not in PUBLIC_PATHS and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "") or request.headers.get("x-api-key", "")
+            given = given[7:] if given.lower().startswith("bearer ") else given
             if not hmac.compare_digest(given.encode(), s.api_key.encode()):
                 return _error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
         size = request.headers.get("content-length")
@@ -298,15 +301,18 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/health")
+    @app.get("/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/v1/models")
+    @app.get("/models")  # llama-server serves the OpenAI paths with and without /v1
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": srv.alias, "object": "model", "created": srv.started,
                                             "owned_by": "swapmoe-gguf"}]}
 
     @app.post("/v1/completions")
+    @app.post("/completions")
     async def completions(request: Request) -> Any:
         body: CreateCompletionRequest = await parse(request, CreateCompletionRequest)
         kwargs = srv.openai_kwargs(body)
@@ -317,6 +323,7 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
         return await srv.respond(request, body.stream, llm.create_completion, kwargs, sse)
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body: CreateChatCompletionRequest = await parse(request, CreateChatCompletionRequest)
         if not body.messages:

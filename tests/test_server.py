@@ -93,6 +93,14 @@ def test_openai_client_chat_and_completions(server):
     st = "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="the river", max_tokens=6,
                                                                    temperature=0, stream=True))
     assert _ascii(st) == _ascii(t.choices[0].text)
+    # llama-server also serves the OpenAI paths without /v1 (an SDK given base_url without it)
+    bare = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=60)
+    assert [m.id for m in bare.models.list().data] == ["tiny"]
+    r2 = bare.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+                                      temperature=0)
+    assert r2.choices[0].message.content == r.choices[0].message.content
+    assert bare.completions.create(model="tiny", prompt="the river", max_tokens=6, temperature=0).choices[0].text \
+        == t.choices[0].text
 
 
 def test_native_endpoints(server):
@@ -153,6 +161,11 @@ def test_api_key_and_body_limit(keyed):
     big = http("POST", u + "/v1/completions", content=b"x" * 5000, headers={"Authorization": "Bearer s3cret"})
     assert big.status == 413 and big.json()["error"]["code"] == "request_too_large"
     assert "access-control-allow-origin" not in http("OPTIONS", u + "/health").headers
+    # as llama-server: /v1/health public, Anthropic's X-Api-Key header, CORS preflight without a key
+    assert http("GET", u + "/v1/health").status == 200
+    assert http("GET", u + "/models", headers={"X-Api-Key": "s3cret"}).status == 200
+    assert http("GET", u + "/models", headers={"X-Api-Key": "wrong"}).status == 401
+    assert http("OPTIONS", u + "/v1/chat/completions").status != 401
 
 
 def test_budget_endpoint_changes_residency(server):
