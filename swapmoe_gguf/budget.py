@@ -13,6 +13,8 @@ expert resident.
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 
@@ -151,7 +153,13 @@ def plan_slots(mem: MemoryPlan, budget: Budget | None, experts_per_layer: int | 
     limit = budget.resolve(mem.total(n))
     fit = min(n, (limit - mem.fixed) // mem.per_slot) if limit > mem.fixed else -1
     if fit < k:
-        raise BudgetError(f"memory budget {fmt(limit)} is below the minimum {fmt(mem.total(k))} = {mem.parts(k)}")
+        hint = ""
+        if budget.percent is not None:  # a % of what `full` needs: say which percentages work on this model
+            low = math.ceil(100 * mem.total(k) / mem.total(n))
+            hint = (f"; with this model a percentage budget needs {low}% or more (the fixed part weighs "
+                    f"{100 * mem.fixed / mem.total(n):.0f}% of it)" if low <= 100 else "")
+        raise BudgetError(f"memory budget {fmt(limit)} is below the minimum {fmt(mem.total(k))} = {mem.parts(k)}"
+                          + hint)
     if experts_per_layer is not None:
         if experts_per_layer > fit:
             raise BudgetError(f"--experts-per-layer {experts_per_layer} needs {fmt(mem.total(experts_per_layer))}, "

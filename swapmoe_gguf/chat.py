@@ -7,6 +7,7 @@ resident memory against the budget, router hit rate, swaps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from .errors import SwapMoEError
 from .generate import GenerationRecord, stream
 from .settings import ModelSettings, SamplingSettings
 
+RAW_DEFAULT_TOKENS = 256  # a continuation's length when -n is not given (raw text has no end-of-answer)
 HELP = "commands: /exit  /reset  /stats  /budget <size, e.g. 3GiB or 60%>  /help   (Ctrl-C stops an answer)"
 
 
@@ -137,9 +139,17 @@ def run_chat(settings: ModelSettings, sampling: SamplingSettings, *, prompt: str
             raise SwapMoEError("no prompt: give -p TEXT, pipe text on stdin, or run in a terminal")
     llm = settings.load()
     try:
+        quiet = raw  # --raw: the generated text only (no status line)
+        if not raw and not llm.metadata.get("tokenizer.chat_template"):
+            # llama-cpp-python would wrap the text in a guessed chat format the model never saw
+            sys.stderr.write("[this model has no chat template: continuing your text instead (raw mode, "
+                             f"{RAW_DEFAULT_TOKENS} tokens unless -n says otherwise)]\n")
+            raw = True
+            if sampling.n_predict < 0:
+                sampling = dataclasses.replace(sampling, n_predict=RAW_DEFAULT_TOKENS)
         session = ChatSession(llm, sampling, system)
         if not interactive:
-            session.answer(prompt or "", raw=raw, show_status=not raw)
+            session.answer(prompt or "", raw=raw, show_status=not quiet)
             return 0
         sys.stderr.write(f"swapmoe chat: {llm.vmodel.info.path.name}, {llm.vmodel.slots} of "
                          f"{llm.vmodel.n_expert} experts per layer ({llm.policy_name}). {HELP}\n")
@@ -158,6 +168,6 @@ def run_chat(settings: ModelSettings, sampling: SamplingSettings, *, prompt: str
                 if not session.command(line):
                     return 0
                 continue
-            session.answer(line, raw=raw)
+            session.answer(line, raw=raw, show_status=not quiet)
     finally:
         llm.close()

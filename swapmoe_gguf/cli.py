@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
     b.set_defaults(func=_cmd_bench)
 
-    d = sub.add_parser("demo", help="build a tiny MoE checkpoint, convert, inspect and run it")
+    d = sub.add_parser("demo", help="the embedded default model (converted once): swapmoe vs static (pruned) "
+                       "side by side, and their held-out perplexity against the full model")
     d.add_argument("--dir", default=None, help="work directory (default: user cache)")
     d.add_argument("--force", action="store_true", help="rebuild even if cached")
     d.set_defaults(func=_cmd_demo)

@@ -23,7 +23,7 @@ class ModelSettings:
     policy: str | None = None
     max_dropped_mass: float = 1.0       # swapmoe's quality floor: 1 none, 0 lossless (exact)
     plan: str | None = None
-    ctx_size: int = 4096
+    ctx_size: int = 0                   # 0: the model's training context, at most DEFAULT_CTX
     threads: int = 0                    # 0: half the CPUs, as llama.cpp
     n_gpu_layers: int = 0
     batch_size: int = 512
@@ -37,12 +37,30 @@ class ModelSettings:
 
         path = self.model or str(default_model())
         threads = self.threads or max(1, (os.cpu_count() or 2) // 2)
+        n_ctx = self.ctx_size or default_ctx(path)
         return SwapMoELlama(path, memory_budget=self.memory_budget, experts_per_layer=self.experts_per_layer,
                             policy=self.policy, plan=self.plan, max_dropped_mass=self.max_dropped_mass,
-                            n_ctx=self.ctx_size, n_batch=self.batch_size,
+                            n_ctx=n_ctx, n_batch=self.batch_size,
                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,
                             seed=self.seed if self.seed >= 0 else 0xFFFFFFFF, repack=not self.no_repack,
                             verbose=self.verbose)
+
+
+DEFAULT_CTX = 4096
+
+
+def default_ctx(path: str) -> int:
+    """The context when none is given: the model's training context (past it a model degrades, and
+    llama.cpp warns), at most DEFAULT_CTX (a 128K-context model would otherwise spend its memory
+    budget on the KV cache). An unreadable file: DEFAULT_CTX (the runtime then says what is wrong)."""
+    from .errors import SwapMoEError
+    from .gguf_info import read_gguf
+
+    try:
+        trained = read_gguf(path).params.n_ctx_train
+    except (SwapMoEError, OSError):
+        return DEFAULT_CTX
+    return min(DEFAULT_CTX, trained) if trained and trained > 0 else DEFAULT_CTX
 
 
 @dataclass
@@ -85,7 +103,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="swapmoe's quality floor: where more than this share of the full model's expert weight "
                         "falls on non-resident experts, load them and route exactly (1: never, default; 0: exact)")
     g.add_argument("--plan", default=None, help="plan JSON from `swapmoe plan`")
-    g.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length")
+    g.add_argument("-c", "--ctx-size", type=int, default=0,
+                   help="context length (default 0: the model's training context, at most 4096)")
     g.add_argument("-t", "--threads", type=int, default=0, help="threads (default: half the CPUs)")
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
     g.add_argument("-b", "--batch-size", type=int, default=512, help="prompt batch size")

@@ -23,6 +23,31 @@ def test_one_shot_prompt_prints_answer_and_status(model):
     assert status and "tok/s" in status[-1] and "3/8 experts/layer" in status[-1] and "hit" in status[-1]
 
 
+def test_model_without_chat_template_continues_the_text(stories_moe):
+    from swapmoe_gguf.gguf_info import read_gguf
+
+    assert read_gguf(stories_moe).get("tokenizer.chat_template") is None
+    r = run_cli("chat", "-m", str(stories_moe), "-p", "Once upon a time", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    # said once; the text is continued, not wrapped in a chat format the model never saw; 256 tokens by default
+    assert r.stderr.count("no chat template") == 1 and "[256 tok," in r.stderr
+    assert r.stdout.strip()
+
+
+def test_context_defaults_to_the_training_context(model, tmp_path):
+    from swapmoe_gguf.gguf_info import read_gguf
+    from swapmoe_gguf.settings import DEFAULT_CTX, ModelSettings, default_ctx
+
+    trained = read_gguf(model).params.n_ctx_train
+    assert default_ctx(model) == min(DEFAULT_CTX, trained)
+    llm = ModelSettings(model=model, experts_per_layer=3).load()
+    try:
+        assert llm.n_ctx() == min(DEFAULT_CTX, trained)
+    finally:
+        llm.close()
+    assert default_ctx(str(tmp_path / "missing.gguf")) == DEFAULT_CTX
+
+
 def test_raw_prints_only_generated_text_and_matches_api(model):
     import subprocess
 

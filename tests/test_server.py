@@ -323,6 +323,7 @@ def test_defaults_are_safe():
 
     app = create_app(_Fake())
     paths = sorted(r.path for r in app.routes if hasattr(r, "methods"))
-    assert paths == ["/completion", "/detokenize", "/health", "/metrics", "/props", "/swapmoe/budget",
-                     "/tokenize", "/v1/chat/completions", "/v1/completions", "/v1/models"]
+    assert paths == sorted(["/completion", "/detokenize", "/health", "/metrics", "/props", "/swapmoe/budget",
+                            "/tokenize", "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/health",
+                            "/chat/completions", "/completions", "/models"])
     assert not any("{" in p for p in paths)  # no path parameters at all
