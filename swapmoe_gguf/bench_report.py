@@ -32,8 +32,8 @@ def _plain_rows(rows: list[dict]) -> list[dict]:
 
 def speed_table(rows: list[dict]) -> str:
     out = ["| policy | budget | S | decode tok/s | prefill tok/s | TTFT ms | p50 ms | p99 ms | peak RSS | "
-           "budget bytes | disk read / token | hit rate | swaps / token |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "budget bytes | disk read / token | hit rate | swaps / token | bound ms / token | x bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = "-" if r["experts_per_layer"] is None else f"{r['experts_per_layer']}/{r['n_expert']}"
         ok = "" if r["within_budget"] is None else (" ok" if r["within_budget"] else " **over**")
@@ -42,7 +42,8 @@ def speed_table(rows: list[dict]) -> str:
                    f"{fmt(r['peak_rss']) if r['peak_rss'] else '-'}{ok if r['policy'] != 'plain' else ''} | "
                    f"{fmt(r['budget_bytes']) if r['budget_bytes'] else '-'} | "
                    f"{fmt(r['disk_bytes_per_token']) if r['disk_bytes_per_token'] is not None else '-'} | "
-                   f"{_f(r['hit_rate'], '.3f')} | {_f(r['swaps_per_token'], '.2f')} |"
+                   f"{_f(r['hit_rate'], '.3f')} | {_f(r['swaps_per_token'], '.2f')} | "
+                   f"{_f(r.get('bound_ms'), '.2f')} | {_f(r.get('x_bound'), '.2f')} |"
                    + (f" errors: {'; '.join(r['errors'])}" if r["errors"] else ""))
     return "\n".join(out)
 
@@ -110,6 +111,11 @@ def targets(speed: list[dict], quality: list[dict], types: list[dict] | None = N
             a, c = sw["decode_tok_s"] / st["decode_tok_s"], sw["decode_tok_s"] / ex["decode_tok_s"]
             lines.append(f"speed at {b:g}%: swapmoe/static = {a:.2f} (target >= 0.95: {'met' if a >= 0.95 else 'missed'})"
                          f", swapmoe/exact = {c:.2f} (target >= 3: {'met' if c >= 3 else 'missed'})")
+    for r in speed:
+        if r["policy"] == "exact" and r.get("x_bound") is not None:
+            lines.append(f"exact decode at {r['budget_pct']:g}%: {r['x_bound']:.2f}x its bound (full's compute + "
+                         f"its bytes read at the measured bandwidth; target <= 1.5: "
+                         f"{'met' if r['x_bound'] <= 1.5 else 'missed'})")
     over = [f"{r['policy']}@{r['budget_pct']:g}%" for r in speed if r["within_budget"] is False and r["policy"] != "plain"]
     lines.append("peak RSS within budget in every cell: " + ("yes" if not over else "NO: " + ", ".join(over)))
     return lines
@@ -147,7 +153,8 @@ def render(meta: dict, speed: list[dict], quality: list[dict], types: list[dict]
     if speed:
         parts.append(f"## Speed and memory: {meta['speed_model']}\n\nBudget: whole-process `--memory-budget`, % of "
                      "what `full` needs. Page cache dropped before each measured request; each cell a fresh "
-                     f"process (peak RSS = its VmHWM).\n\n{speed_table(speed)}\n")
+                     "process (peak RSS = its VmHWM). Bound: `full`'s time per token plus the cell's bytes read "
+                     f"per token at {meta.get('read_mb_s', '?')} MB/s (this device's profile).\n\n{speed_table(speed)}\n")
     if quality:
         parts.append(f"## Quality: {meta['quality_model']}\n\n{meta['quality_text']}; each chunk a request "
                      f"(first half prompt, second half decoded and scored); KL(full || policy).\n\n"

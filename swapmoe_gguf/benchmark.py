@@ -216,6 +216,21 @@ def speed_cells(model: str, budgets: list[float], n_predict: int, threads: int, 
     return cells
 
 
+def add_bounds(rows: list[dict], read_mb_s: float) -> list[dict]:
+    """Per row, the bound it could reach on this machine: `full`'s time per token (compute) plus the
+    bytes it had to read per token at the measured read bandwidth; and how far above it it runs."""
+    full = next((r for r in rows if r["policy"] == "full" and r["decode_tok_s"]), None)
+    out = []
+    for r in rows:
+        bound = ratio = None
+        if full is not None and r["decode_tok_s"] and r["disk_bytes_per_token"] is not None and read_mb_s > 0:
+            bound = 1e3 / full["decode_tok_s"] + r["disk_bytes_per_token"] / (read_mb_s * 1e6) * 1e3
+            ratio = (1e3 / r["decode_tok_s"]) / bound
+        out.append(r | {"bound_ms": None if bound is None else round(bound, 2),
+                        "x_bound": None if ratio is None else round(ratio, 2)})
+    return out
+
+
 def run_speed(cells: list[SpeedCell], rounds: int, timeout: float = 900) -> list[SpeedResult]:
     """Every cell once per round, in order (interleaved), each in a fresh process."""
     results = {c: SpeedResult(c.policy, c.budget_pct, c.label, max_dropped_mass=c.max_dropped_mass) for c in cells}
@@ -369,18 +384,18 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
         raise LayoutError(f"{speed_model}: not a swap-ready GGUF ({info.layout_problem()}); run `swapmoe convert`")
     from .profile import load_or_measure
 
-    load_or_measure(info, threads=threads)  # profile once (cached), before anything is timed
+    prof = load_or_measure(info, threads=threads)  # profile once (cached), before anything is timed
     cells = speed_cells(speed_model, sorted(o.budgets, reverse=True), o.n_predict, threads, o.n_ctx, o.floors)
     cells += [SpeedCell(str(typed_model(t, o.quick)), p, 100.0, o.n_predict, threads, o.n_ctx, label=t,
                         drop_cache=False) for t in o.types for p in ("full", "plain")]
     t0 = time.perf_counter()
     measured = [r.summary() for r in run_speed(cells, o.rounds)]
-    speed = [r for r in measured if not r["label"]]
+    speed = add_bounds([r for r in measured if not r["label"]], prof.read_mb_s)
     types = [r for r in measured if r["label"]]
     quality = run_quality(quality_model, text, list(o.budgets), ctx=o.eval_ctx, chunks=o.chunks, threads=threads,
                           floors=o.floors)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-            "threads": threads, "rounds": o.rounds, "n_predict": o.n_predict, "version": __version__,
+            "threads": threads, "rounds": o.rounds, "read_mb_s": round(prof.read_mb_s, 1), "n_predict": o.n_predict, "version": __version__,
             "speed_model": f"{Path(speed_model).name} ({info.total_bytes / 2 ** 30:.2f} GiB, {len(info.moe_layers)} "
                            f"MoE layers x {info.n_expert} experts, top-{info.params.n_expert_used})",
             "quality_model": Path(quality_model).name, "quality_text": f"{Path(text_name).name}, {o.chunks} chunks "

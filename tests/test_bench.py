@@ -35,6 +35,9 @@ def test_bench_quick_end_to_end(tmp_path):
     assert speed[("static", 50)]["experts_per_layer"] == s < speed[("full", 100)]["experts_per_layer"]
     assert speed[("static", 50)]["swaps_per_token"] == 0 and speed[("static", 50)]["hit_rate"] is None
     assert speed[("full", 100)]["peak_rss"] > speed[("static", 50)]["peak_rss"]
+    # the bound: full's time per token plus the bytes read at the profiled bandwidth; full is its own bound
+    assert speed[("full", 100)]["x_bound"] == 1.0 and speed[("exact", 50)]["bound_ms"] > speed[("full", 100)]["bound_ms"]
+    assert any(t.startswith("exact decode at 50%: ") for t in data["targets"])
     floor = [row for row in data["quality"] if row["max_dropped_mass"] == 0.3]
     quality = {row["policy"]: row for row in data["quality"] if row["max_dropped_mass"] == 1}
     assert quality["full"]["kl"] == 0 and quality["full"]["ppl"] < 60
