@@ -3,8 +3,8 @@
 `llama_model_init_from_user` has no file to look in, so llama.cpp creates *every* optional tensor
 of the architecture (attention biases, per-tensor scales, `rope_freqs`, ...). The slot model fills
 them with neutral values (0 for a bias, 1 for a scale), which keeps the output exact, but the graph
-then runs one extra add or mul per such tensor and layer: about 15 nodes per layer for a Mixtral
-file, each a barrier across threads, measured at 10-15 % of a small model's decode step. And where
+then runs an extra add or mul for most such tensors (19 per layer for a Mixtral file), each a
+barrier across threads, measured at 10-15 % of a small model's decode step. And where
 llama.cpp's graph takes another path when a tensor is missing (a dense or MoE layer, attention sinks),
 a created tensor takes the wrong one.
 

@@ -125,7 +125,7 @@ class ExactPolicy:
     def __call__(self, kind: str, layer: int, t: int) -> None:
         rt, vm = self.rt, self.rt.vmodel
         if kind == "logits":
-            self._load(layer, rt.full_router.route(layer, rt.tap.last_input()))
+            self._load(layer, rt.tap.last_routed())
         if kind == self.mask_node(layer):
             routed = self._routed.pop(layer, None)
             if routed is None:

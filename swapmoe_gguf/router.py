@@ -95,7 +95,8 @@ class RouterTap:
         # Score layer i on decode steps where (step + i) % stride == 0; multi-token batches always.
         self.stride, self.step = 1, 0
         self.batch_tokens = 1  # tokens of the decode call in flight (set by the runtime)
-        self._seen: list[tuple[int, np.ndarray]] = []   # (layer, x [n_tok, n_embd]) of the current decode
+        # (layer, x [n_tok, n_embd], its routing when an in-graph hook needed it already) of the current decode
+        self._seen: list[tuple[int, np.ndarray, Routed | None]] = []
         self.error: BaseException | None = None
         self.probed: dict[int, dict[str, GraphNode]] | None = None  # set while probing the graph
         self.graph_inputs: set[str] = set()  # names of every tensor the probed graph reads
@@ -164,7 +165,9 @@ class RouterTap:
             if kind == "logits":
                 g = ggml()
                 x = g.get_f32(g.tensor(t).src[1])  # [.., n_tokens, n_embd]
-                self._seen.append((layer, x.reshape(-1, x.shape[-1])))
+                x = x.reshape(-1, x.shape[-1])
+                # an in-graph hook routes now; take() reuses it instead of routing the layer again
+                self._seen.append((layer, x, self.router.route(layer, x) if self.in_graph is not None else None))
             if self.in_graph is not None:
                 self.in_graph(kind, layer, t)
         except BaseException as e:  # never raise through C; the runtime re-raises after decode
@@ -175,6 +178,12 @@ class RouterTap:
         """The router input [n_tok, n_embd] of the layer observed last (for in-graph hooks)."""
         return self._seen[-1][1]
 
+    def last_routed(self) -> Routed:
+        """The full model's routing of that input (set while an in-graph hook is attached)."""
+        routed = self._seen[-1][2]
+        assert routed is not None, "last_routed() needs an in-graph hook"
+        return routed
+
     def take(self) -> RouterBatch | None:
         """The full model's routing of everything observed since the last call, layer by layer
         (a prompt's inputs are never concatenated: a 512-token batch of a wide model would copy
@@ -183,14 +192,14 @@ class RouterTap:
         if not self._seen:
             return None
         seen, self._seen = self._seen, []
-        if len(seen) > 1 and all(x.shape[0] == 1 for _, x in seen) \
-                and len({self.router.specs[l] for l, _ in seen}) == 1:
-            return self._take_decode_step(seen)
+        if len(seen) > 1 and all(x.shape[0] == 1 and r is None for _, x, r in seen) \
+                and len({self.router.specs[l] for l, _, _ in seen}) == 1:
+            return self._take_decode_step([(l, x) for l, x, _ in seen])
         layers, norms, routed = [], [], []
-        for layer, x in seen:
+        for layer, x, r in seen:
             layers.append(layer)
             norms.append(np.sqrt(np.einsum("ij,ij->i", x, x)))   # [n_tok]
-            routed.append(self.router.route(layer, x))
+            routed.append(r if r is not None else self.router.route(layer, x))
         return RouterBatch(layers, norms, routed)
 
     def _take_decode_step(self, seen: list[tuple[int, np.ndarray]]) -> RouterBatch:

@@ -50,7 +50,7 @@ def advise_huge_pages(addr: int, nbytes: int) -> None:
     """Ask Linux for transparent huge pages on [addr, addr + nbytes) before its first write (THP in
     `madvise` mode, the default of most distributions, gives them only to regions that ask). Decode
     reads every resident weight once per token; 2 MiB pages spare the TLB misses of 4 KiB ones
-    (measured 5-10 % faster decode here). Stock llama.cpp's mmap'd file pages cannot have them."""
+    (measured 1-8 % faster decode here, interleaved). Stock llama.cpp's mmap'd file pages cannot have them."""
     fn = _madvise()
     lo, hi = -(-addr // _HUGE_PAGE) * _HUGE_PAGE, (addr + nbytes) // _HUGE_PAGE * _HUGE_PAGE
     if fn is not None and hi > lo and fn(lo, hi - lo, _MADV_HUGEPAGE) != 0:

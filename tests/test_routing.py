@@ -201,7 +201,7 @@ def test_decode_step_routes_layers_together_as_one_by_one():
     router.specs = {l: GatingSpec(func="sigmoid", selection_bias=True, norm_w=True, scale=2.0) for l in w}
     tap = RouterTap(router)
     xs = {l: r.standard_normal((1, 16)).astype(np.float32) for l in w}
-    tap._seen = list(xs.items())
+    tap._seen = [(l, x, None) for l, x in xs.items()]  # (layer, input, no routing from a hook)
     batch = tap.take()
     assert batch.layers == [1, 2, 4]
     for l, xn, got in zip(batch.layers, batch.x_norm, batch.routed):
