@@ -55,7 +55,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     srv = subprocess.Popen([sys.executable, "-m", "swapmoe_gguf", "serve", "-m", a.model, "--port", str(port),
                             "--memory-budget", a.memory_budget, "--experts-per-layer", a.experts_per_layer,
-                            "-np", "4", "-c", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            "-np", "4", "--max-queue", "8", "--metrics", "-c", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):
             try:

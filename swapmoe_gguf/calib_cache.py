@@ -20,22 +20,22 @@ from .paths import cache_dir
 from .profile import model_fingerprint
 
 log = logging.getLogger(__name__)
-CALIB_VERSION = 1  # bump when the importance score or the calibration procedure changes
+CALIB_VERSION = 2  # bump when the importance score or the calibration procedure changes (2: CALIB_CHUNK windows)
 
 
-def _key(info: GGUFInfo, text: str, slots: int, n_ctx: int) -> str:
-    h = hashlib.sha256(f"v{CALIB_VERSION}|{model_fingerprint(info.path)}|S{slots}|c{n_ctx}|".encode())
+def _key(info: GGUFInfo, text: str, slots: int, chunk: int) -> str:
+    h = hashlib.sha256(f"v{CALIB_VERSION}|{model_fingerprint(info.path)}|S{slots}|c{chunk}|".encode())
     h.update(text.encode())
     return h.hexdigest()[:24]
 
 
-def calib_path(info: GGUFInfo, text: str, slots: int, n_ctx: int) -> Path:
-    return cache_dir() / "calibration" / f"{info.path.name}-{_key(info, text, slots, n_ctx)}.json"
+def calib_path(info: GGUFInfo, text: str, slots: int, chunk: int) -> Path:
+    return cache_dir() / "calibration" / f"{info.path.name}-{_key(info, text, slots, chunk)}.json"
 
 
-def load(info: GGUFInfo, text: str, slots: int, n_ctx: int) -> dict[int, list[int]] | None:
+def load(info: GGUFInfo, text: str, slots: int, chunk: int) -> dict[int, list[int]] | None:
     """The cached ranking (layer -> experts, most important first), or None."""
-    path = calib_path(info, text, slots, n_ctx)
+    path = calib_path(info, text, slots, chunk)
     try:
         data = json.loads(path.read_text())
         rank = {int(l): [int(e) for e in order] for l, order in data["rank"].items()}
@@ -51,9 +51,9 @@ def load(info: GGUFInfo, text: str, slots: int, n_ctx: int) -> dict[int, list[in
     return rank
 
 
-def save(info: GGUFInfo, text: str, slots: int, n_ctx: int, rank: dict[int, list[int]]) -> None:
+def save(info: GGUFInfo, text: str, slots: int, chunk: int, rank: dict[int, list[int]]) -> None:
     """Write atomically (a reader never sees half a file); a cache that cannot be written is skipped."""
-    path = calib_path(info, text, slots, n_ctx)
+    path = calib_path(info, text, slots, chunk)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import SwapMoEError
-from .settings import add_model_args, add_sampling_args, dropped_mass
+from .settings import add_model_args, add_sampling_args, add_server_args, dropped_mass
 
 log = logging.getLogger("swapmoe_gguf")
 
@@ -88,15 +88,13 @@ def _cmd_chat(a: argparse.Namespace) -> int:
 def _cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn  # noqa: F401  (imported before the model: part of the measured baseline)
 
-    from .server import ServerSettings, serve
-    from .settings import model_settings, sampling_settings
+    from .server import serve
+    from .settings import model_settings, sampling_settings, server_settings
 
-    if a.parallel < 0 or not 0 < a.port < 65536:
-        raise SwapMoEError(f"serve: need --port in 1..65535 and --parallel >= 0, got {a.port} and {a.parallel}")
-    llm = model_settings(a).load()
+    ss = server_settings(a)
+    llm = model_settings(a).load(n_seq_max=ss.parallel, kv_unified=a.kv_unified, swa_full=a.swa_full)
     try:
-        serve(llm, ServerSettings(host=a.host, port=a.port, api_key=a.api_key, alias=a.alias, queue=a.parallel,
-                                  max_body_bytes=a.max_body, cors_origins=tuple(a.cors or ())), sampling_settings(a))
+        serve(llm, ss, sampling_settings(a))
     finally:
         llm.close()
     return 0
@@ -203,14 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="llama-server-compatible HTTP API under a memory budget")
     add_model_args(sv)
     add_sampling_args(sv)
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    sv.add_argument("--port", type=int, default=8080)
-    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (all but /health)")
-    sv.add_argument("-a", "--alias", default=None, help="model name reported by the API")
-    sv.add_argument("-np", "--parallel", type=int, default=8,
-                    help="requests that may wait for the model; more are refused with 503")
-    sv.add_argument("--max-body", type=int, default=8 << 20, help="largest request body in bytes")
-    sv.add_argument("--cors", action="append", default=None, metavar="ORIGIN", help="allow this CORS origin")
+    add_server_args(sv)
     sv.set_defaults(func=_cmd_serve)
 
     ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the full model")

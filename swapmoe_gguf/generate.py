@@ -37,17 +37,20 @@ def stream(llm: Any, *, messages: list[dict[str, str]] | None = None, prompt: st
     kw = {**sampling.kwargs(), **extra, "stream": True}
     if sampling.ignore_eos:
         kw["logit_bias"] = {**kw.get("logit_bias", {}), llm.token_eos(): -1e9}
-    if messages is not None:
-        chunks = llm.create_chat_completion(messages=messages, **kw)
-    else:
-        chunks = llm.create_completion(prompt=prompt, **kw)
+    if messages is not None:  # formatted as `swapmoe serve` formats them (llama-server's rules)
+        from .chat_template import ChatFormatter
+
+        fmt = getattr(llm, "_swapmoe_chat_formatter", None) or ChatFormatter.for_model(llm)
+        llm._swapmoe_chat_formatter = fmt
+        prompt = fmt.render(messages)
+    chunks = llm.create_completion(prompt=prompt, **kw)
     start = llm.telemetry()
     t0 = time.perf_counter()
     first: float | None = None
     finish: str | None = None
     for chunk in chunks:
         choice = chunk["choices"][0]
-        text = choice.get("text") if messages is None else (choice.get("delta") or {}).get("content")
+        text = choice.get("text")
         finish = choice.get("finish_reason") or finish
         if text:
             first = first or time.perf_counter()

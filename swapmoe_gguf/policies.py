@@ -204,15 +204,23 @@ class _Collector(FixedPolicy):
             self.scheduler.observe_routed(layer, x_norm, r.selected, r.weights)
 
 
+CALIB_CHUNK = 256  # tokens per calibration window: fixed, so the result does not depend on n_ctx or slots
+
+
+def calib_chunk(rt: "SwapMoELlama") -> int:
+    return max(1, min(CALIB_CHUNK, rt.n_ctx_seq()) - 1)
+
+
 def calibrate(rt: "SwapMoELlama", tokens: list[int]) -> dict[int, list[int]]:
-    """Importance over a calibration text (no decay): every layer's experts, most important first."""
+    """Importance over a calibration text (no decay), read in windows of CALIB_CHUNK tokens: every
+    layer's experts, most important first."""
     vm = rt.vmodel
     sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
                                 SchedulerConfig(decay=1.0 - 1e-9, interval=1 << 30, quota=0))
     saved, enabled = rt.policy, rt.tap.enabled
     rt.policy, rt.tap.enabled = _Collector(sched), True
     try:
-        chunk = max(1, min(rt.n_ctx(), len(rt.input_ids)) - 1)
+        chunk = calib_chunk(rt)
         for i in range(0, len(tokens), chunk):
             rt.reset()
             rt.eval(tokens[i:i + chunk])

@@ -35,7 +35,7 @@ from .expert_store import ExpertReadError, StagedExpert
 from .gguf_info import read_gguf
 from .router import FullRouter, RouterBatch, RouterTap
 from .routing import hit_shares
-from .policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calibrate
+from .policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calib_chunk, calibrate
 from .scheduler import ImportanceScheduler, SchedulerConfig
 from .telemetry import RssProbe, Telemetry, TelemetrySnapshot
 from .vmodel import VirtualExpertModel
@@ -96,13 +96,9 @@ class _HookedContext(internals.LlamaContext):
 
     def decode(self, batch: internals.LlamaBatch) -> None:
         rt = self._runtime()
-        if rt is not None:
-            rt.tap.batch_tokens = batch.batch.n_tokens
-            rt._before_decode()
-        t0 = time.perf_counter()
-        super().decode(batch)
-        if rt is not None:
-            rt._after_decode(batch.batch.n_tokens, time.perf_counter() - t0)
+        if rt is None:
+            return super().decode(batch)
+        rt.decode_batch(batch.batch, lambda: super(_HookedContext, self).decode(batch))
 
 
 @contextlib.contextmanager
@@ -127,6 +123,9 @@ def _construct_with(rt: "SwapMoELlama") -> Iterator[None]:
     def make_ctx(*, model: Any, params: Any, verbose: bool) -> internals.LlamaContext:
         params.cb_eval = rt.tap.callback
         params.cb_eval_user_data = rt.tap.user_data
+        params.n_seq_max = rt.n_seq_max  # parallel sequences (the server's slots); the KV cache is split
+        params.kv_unified = rt.kv_unified  # ... unless one cache is shared
+        params.swa_full = rt.swa_full
         return _HookedContext(runtime=rt, model=model, params=params, verbose=verbose)
 
     with _CONSTRUCT_LOCK:
@@ -143,7 +142,8 @@ class SwapMoELlama(Llama):
                  scheduler: SchedulerConfig | None = None, calibration: str | None = None,
                  plan: "Plan | str | None" = None,
                  initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
-                 max_dropped_mass: float = 1.0,
+                 max_dropped_mass: float = 1.0, n_seq_max: int = 1, kv_unified: bool = False,
+                 swa_full: bool = False,
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  logits_all: bool = False, flash_attn: bool = True, repack: bool = True, verbose: bool = False,
                  **kwargs: Any):
@@ -168,6 +168,9 @@ class SwapMoELlama(Llama):
         if max_dropped_mass == 0.0 and policy == "swapmoe":
             policy = "exact"  # nothing may be dropped: that is `exact`
         self.max_dropped_mass = max_dropped_mass if policy == "swapmoe" else 1.0
+        if n_seq_max < 1:
+            raise SwapMoEError(f"need at least one sequence, got n_seq_max={n_seq_max}")
+        self.n_seq_max, self.kv_unified, self.swa_full = n_seq_max, kv_unified, swa_full
         reserved = 1 if self.max_dropped_mass < 1.0 else 0  # the floor's synchronous reads (expert_store)
         info = read_gguf(model_path)
         problem = info.run_problem()
@@ -274,10 +277,11 @@ class SwapMoELlama(Llama):
         from . import calib_cache
 
         vm = self.vmodel
-        self.static_rank = calib_cache.load(vm.info, text, vm.slots, self.n_ctx())
+        chunk = calib_chunk(self)
+        self.static_rank = calib_cache.load(vm.info, text, vm.slots, chunk)
         if self.static_rank is None:
             self.static_rank = calibrate(self, self.tokenize(text.encode(), add_bos=True))
-            calib_cache.save(vm.info, text, vm.slots, self.n_ctx(), self.static_rank)
+            calib_cache.save(vm.info, text, vm.slots, chunk, self.static_rank)
         for layer, order in self.static_rank.items():
             want = order[: self.vmodel.slots]
             slots = self.vmodel.slot_map[layer]
@@ -287,6 +291,10 @@ class SwapMoELlama(Llama):
         self.telemetry_ = Telemetry()  # calibration is not part of serving
 
     # hooks (decoding thread) -------------------------------------------------------------
+    def n_ctx_seq(self) -> int:
+        """Context of one sequence: n_ctx split between the parallel sequences (unless unified)."""
+        return int(llama_cpp.llama_n_ctx_seq(self._ctx.ctx))
+
     def request_stop(self) -> None:
         """Stop the generation in progress before its next decode step (raises KeyboardInterrupt
         there, out of llama-cpp-python's loop). Safe to call from a signal handler or another thread."""
@@ -295,6 +303,20 @@ class SwapMoELlama(Llama):
     def clear_stop(self) -> None:
         """Forget a stop request that arrived after the generation had ended."""
         self._stop.clear()
+
+    def decode_batch(self, batch: llama_cpp.llama_batch, run: Callable[[], None] | None = None) -> None:
+        """llama_decode with the runtime's hooks around it (tap, scheduler, swaps, telemetry): for
+        callers that build their own batches (the parallel engine)."""
+        self.tap.batch_tokens = batch.n_tokens
+        self._before_decode()
+        t0 = time.perf_counter()
+        if run is not None:
+            run()
+        else:
+            rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+        self._after_decode(batch.n_tokens, time.perf_counter() - t0)
 
     def _before_decode(self) -> None:
         if self._stop.is_set():

@@ -7,12 +7,14 @@ llama-server's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, repeat penalt
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .runtime import SwapMoELlama
+    from .server import ServerSettings
 
 
 @dataclass
@@ -27,11 +29,12 @@ class ModelSettings:
     threads: int = 0                    # 0: half the CPUs, as llama.cpp
     n_gpu_layers: int = 0
     batch_size: int = 512
+    ubatch_size: int = 0                # 0: llama.cpp's default (512)
     seed: int = -1
     no_repack: bool = False             # llama.cpp's --no-repack: keep CPU weights in their file layout
     verbose: bool = False
 
-    def load(self) -> "SwapMoELlama":
+    def load(self, n_seq_max: int = 1, kv_unified: bool = False, swa_full: bool = False) -> "SwapMoELlama":
         from .demo import default_model
         from .runtime import SwapMoELlama
 
@@ -40,7 +43,8 @@ class ModelSettings:
         n_ctx = self.ctx_size or default_ctx(path)
         return SwapMoELlama(path, memory_budget=self.memory_budget, experts_per_layer=self.experts_per_layer,
                             policy=self.policy, plan=self.plan, max_dropped_mass=self.max_dropped_mass,
-                            n_ctx=n_ctx, n_batch=self.batch_size,
+                            n_ctx=n_ctx, n_batch=self.batch_size, n_ubatch=self.ubatch_size or 512,
+                            n_seq_max=n_seq_max, kv_unified=kv_unified, swa_full=swa_full,
                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,
                             seed=self.seed if self.seed >= 0 else 0xFFFFFFFF, repack=not self.no_repack,
                             verbose=self.verbose)
@@ -108,6 +112,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-t", "--threads", type=int, default=0, help="threads (default: half the CPUs)")
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
     g.add_argument("-b", "--batch-size", type=int, default=512, help="prompt batch size")
+    g.add_argument("-ub", "--ubatch-size", type=int, default=0, help="physical batch size (default 512)")
     g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1: random)")
     g.add_argument("-nr", "--no-repack", action="store_true",
                    help="no CPU weight repacking (Q4_0/Q4_K/IQ4_NL... stay in the file's layout)")
@@ -137,3 +142,72 @@ def model_settings(ns: argparse.Namespace) -> ModelSettings:
 
 def sampling_settings(ns: argparse.Namespace) -> SamplingSettings:
     return _pick(SamplingSettings, ns)
+
+
+# llama-server flags accepted for compatibility that change nothing here, and why
+_NO_EFFECT = {
+    "--cont-batching": "continuous batching is always on", "-cb": "continuous batching is always on",
+    "--no-webui": "there is no web UI",
+    "--no-context-shift": "context shift is off (the only mode)",
+    "--no-warmup": "no warm-up run is made",
+}
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """`swapmoe serve` takes llama-server's flag names (the ones that apply to one local model)."""
+    g = p.add_argument_group("server (llama-server flags)")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    g.add_argument("--port", type=int, default=8080)
+    g.add_argument("--api-key", action="append", default=None,
+                   help="require this key as `Authorization: Bearer KEY` or `X-Api-Key` (repeatable, or "
+                        "comma-separated); /health stays public")
+    g.add_argument("-a", "--alias", default=None, help="model name reported by the API")
+    g.add_argument("-np", "--parallel", type=int, default=1,
+                   help="slots: sequences generated at once, batched together (default 1)")
+    g.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+    g.add_argument("--max-body", type=int, default=8 << 20, help="largest request body in bytes")
+    g.add_argument("--cors", "--cors-origins", dest="cors", action="append", default=None, metavar="ORIGIN",
+                   help="allow this CORS origin (repeatable, or comma-separated)")
+    g.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    g.add_argument("--slots", dest="slots", action="store_true", default=True, help="serve /slots (default)")
+    g.add_argument("--no-slots", dest="slots", action="store_false", help="answer /slots with 501")
+    g.add_argument("--jinja", dest="jinja", action="store_true", default=True,
+                   help="render chat templates with Jinja2 (default)")
+    g.add_argument("--no-jinja", dest="jinja", action="store_false",
+                   help="use llama.cpp's built-in template formatting")
+    g.add_argument("--chat-template", default=None, help="a template name (chatml, llama3, ...) or Jinja text")
+    g.add_argument("--chat-template-file", default=None, help="a Jinja chat template file")
+    g.add_argument("--reasoning", choices=("on", "off", "auto"), default="auto",
+                   help="thinking in chat templates that support it (off: enable_thinking = false)")
+    g.add_argument("--reasoning-format", choices=("none",), default="none",
+                   help="only none: thinking text stays in the answer's content (no reasoning_content split)")
+    g.add_argument("--no-ui", dest="ui", action="store_false", default=True,
+                   help="no page at / (there is no web UI; / only names the APIs)")
+    g.add_argument("--tags", default=None, help="comma-separated tags reported by /v1/models")
+    g.add_argument("--verbose", dest="server_verbose", action="store_true",
+                   help="responses carry llama-server's __verbose object (the prompt as formatted)")
+    g.add_argument("--kv-unified", action="store_true",
+                   help="one KV cache shared by all slots (each may use the whole context)")
+    g.add_argument("--swa-full", action="store_true", help="full-size cache for sliding-window attention layers")
+    g.add_argument("--cache-ram", type=int, default=None, metavar="MiB",
+                   help="accepted, no effect: prompts are cached in each slot's KV cache only")
+    for flag, why in _NO_EFFECT.items():
+        g.add_argument(flag, action="append_const", const=flag, dest="no_effect", help=f"accepted: {why}")
+
+
+def server_settings(ns: argparse.Namespace) -> "ServerSettings":
+    from .errors import SwapMoEError
+    from .server import ServerSettings
+
+    if not 0 < ns.port < 65536 or ns.parallel < 1 or ns.max_queue < 0:
+        raise SwapMoEError(f"serve: need --port in 1..65535, --parallel >= 1 and --max-queue >= 0, got "
+                           f"{ns.port}, {ns.parallel} and {ns.max_queue}")
+    for flag in sorted(set(ns.no_effect or ())):
+        logging.getLogger(__name__).info("%s: accepted, no effect (%s)", flag, _NO_EFFECT[flag])
+    split = lambda vals: tuple(x.strip() for v in vals or () for x in v.split(",") if x.strip())  # noqa: E731
+    return ServerSettings(host=ns.host, port=ns.port, api_key=split(ns.api_key), alias=ns.alias,
+                          parallel=ns.parallel, max_queue=ns.max_queue, max_body_bytes=ns.max_body,
+                          cors_origins=split(ns.cors), metrics=ns.metrics, slots=ns.slots, jinja=ns.jinja,
+                          chat_template=ns.chat_template, chat_template_file=ns.chat_template_file,
+                          n_predict=ns.n_predict, ui=ns.ui, verbose=ns.server_verbose,
+                          tags=split([ns.tags] if ns.tags else None), reasoning=ns.reasoning)

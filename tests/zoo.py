@@ -87,7 +87,21 @@ def _atomic_dir(final: Path, fill) -> Path:  # type: ignore[no-untyped-def]
 
 def llamacpp_converter() -> Path:
     """A directory with convert_hf_to_gguf.py, conversion/ and gguf-py/ of llama-cpp-python==0.3.36."""
-    final = cache_root() / f"llama.cpp-converter-{LLAMA_CPP_PYTHON}"
+    return _from_sdist(f"llama.cpp-converter-{LLAMA_CPP_PYTHON}",
+                       ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/", "LICENSE"),
+                       "convert_hf_to_gguf.py")
+
+
+def llamacpp_server_tests() -> Path:
+    """llama-server's own pytest suite (`tools/server/tests/`) of llama-cpp-python==0.3.36, with the
+    chat templates its template tests read (`models/templates/`)."""
+    return _from_sdist(f"llama.cpp-server-tests-{LLAMA_CPP_PYTHON}",
+                       ("tools/server/tests/", "models/templates/", "LICENSE"), "tools/server/tests/utils.py")
+
+
+def _from_sdist(dirname: str, wanted: tuple[str, ...], must_have: str) -> Path:
+    """Files of the vendored llama.cpp under these prefixes, extracted once into the test cache."""
+    final = cache_root() / dirname
 
     def fill(tmp: Path) -> None:
         dl = tmp / ".sdist"  # pip keeps its own cache of the download
@@ -99,9 +113,8 @@ def llamacpp_converter() -> Path:
                                   capture_output=True, text=True, timeout=900)
             assert proc.returncode == 0 and (dl / name).is_file(), (
                 f"pip could not download the llama-cpp-python=={LLAMA_CPP_PYTHON} sdist (needed for llama.cpp's "
-                f"converter): rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+                f"{must_have}): rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/", "LICENSE")
         with tarfile.open(dl / name) as tf:
             members = []
             for m in tf.getmembers():
@@ -112,7 +125,7 @@ def llamacpp_converter() -> Path:
                     m = copy.copy(m)
                     m.name = rel
                     members.append(m)
-            assert any(m.name == "convert_hf_to_gguf.py" for m in members), f"{name} has no {prefix}convert_hf_to_gguf.py"
+            assert any(m.name == must_have for m in members), f"{name} has no {prefix}{must_have}"
             tf.extractall(tmp, members=members, filter="data")
         shutil.rmtree(dl)
 

@@ -1,0 +1,487 @@
+"""Parallel generation on one model: llama-server's slots and continuous batching, in Python.
+
+`Engine(llm, n_slots)` owns the llama.cpp context (created with `n_seq_max = n_slots`): one thread
+runs every step. A step gathers the next token of each generating slot and chunks of waiting prompts
+into ONE batch (one sequence id per slot) and decodes it; the Virtual Experts are shared, so the router
+tap and the scheduler see the union of all sequences' tokens. Sampling is llama.cpp's own sampler
+chain in llama-server's order (logit bias, penalties, top-k, typical, top-p, min-p, temperature,
+dist), with a grammar first when one is given.
+
+    job = engine.submit(Request(prompt=tokens, n_predict=32))   # from any thread
+    for ev in job.events():  # Token ..., then Done (or an EngineError raised)
+
+Requests beyond the free slots wait in order; beyond `max_queue` waiting, `submit` raises QueueFull.
+A slot keeps its tokens after a request (prompt cache): the next prompt sharing a prefix reuses it.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import llama_cpp
+import numpy as np
+
+log = logging.getLogger(__name__)
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `kind` is llama-server's error type."""
+
+    def __init__(self, message: str, kind: str = "invalid_request_error", status: int = 400, **extra: Any):
+        super().__init__(message)
+        self.kind, self.status, self.extra = kind, status, extra
+
+
+class QueueFull(EngineError):
+    def __init__(self, waiting: int):
+        super().__init__(f"server busy: {waiting} requests already wait for a slot", "unavailable_error", 503)
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = DEFAULT_SEED
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None
+    n_probs: int = 0           # top alternatives per token (logprobs)
+    min_keep: int = 0
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    n_predict: int = -1                 # -1: until end of generation or the slot's context
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    cache_prompt: bool = True
+    id_slot: int = -1
+
+
+@dataclass
+class Token:
+    id: int
+    text: str                           # text released by this token (held back while it may start a stop word)
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # (token, logprob) of the n_probs most likely
+
+
+@dataclass
+class Done:
+    text: str
+    tokens: list[int]
+    finish_reason: str                  # "stop" | "length"
+    stop_type: str                      # "eos" | "word" | "limit"
+    stopping_word: str
+    n_prompt: int
+    n_cached: int
+    n_predicted: int
+    truncated: bool
+    slot: int
+    timings: dict[str, float]
+
+
+class Job:
+    """One submitted request: its events arrive on a thread-safe queue."""
+
+    def __init__(self, req: Request, notify: Callable[[], None] | None = None):
+        self.req, self.q, self.cancelled = req, queue.SimpleQueue(), False
+        self.notify = notify
+
+    def put(self, ev: Any) -> None:
+        self.q.put(ev)
+        if self.notify:
+            self.notify()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def events(self) -> Iterator[Any]:
+        while True:
+            ev = self.q.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+            if isinstance(ev, Done):
+                return
+
+
+@dataclass
+class _Slot:
+    id: int
+    cache: list[int] = field(default_factory=list)   # tokens in this sequence's KV cache
+    job: Job | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to decode
+    chain: Any = None
+    out_tokens: list[int] = field(default_factory=list)
+    out_bytes: bytearray = field(default_factory=bytearray)
+    sent: int = 0                                     # characters released
+    n_cached: int = 0
+    t_start: float = 0.0
+    t_prompt: float = 0.0                             # time to first token (prompt done)
+    t_last_use: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+
+class Engine:
+    def __init__(self, llm: Any, n_slots: int = 1, max_queue: int = 64, n_batch: int | None = None):
+        self.llm = llm
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        n_seq = llama_cpp.llama_n_seq_max(self.ctx)
+        if n_slots > n_seq:
+            raise EngineError(f"{n_slots} slots need a context made for {n_slots} sequences; it has {n_seq}")
+        self.n_ctx_slot = llm.n_ctx_seq()  # llama.cpp splits the cache between sequences unless unified
+        self.n_batch = n_batch or llm.n_batch
+        self.slots = [_Slot(i) for i in range(n_slots)]
+        self.waiting: list[Job] = []
+        self.max_queue = max_queue
+        self._calls: list[tuple[Callable[[], Any], "queue.SimpleQueue[Any]"]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        self.stats = {"prompt_tokens": 0, "prompt_seconds": 0.0, "predicted_tokens": 0, "predicted_seconds": 0.0,
+                      "decode_calls": 0, "busy_slots_sum": 0, "requests": 0, "n_past_max": 0}
+        self.batch = llama_cpp.llama_batch_init(max(self.n_batch, n_slots), 0, 1)
+        self.thread = threading.Thread(target=self._run, name="swapmoe-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def ctx(self) -> Any:
+        """The runtime's current context (a budget change builds a new one)."""
+        return self.llm._ctx.ctx
+
+    @property
+    def vocab(self) -> Any:
+        return llama_cpp.llama_model_get_vocab(self.llm._model.model)
+
+    # API (any thread) ---------------------------------------------------------------------------
+    def piece(self, tok: int, special: bool = False) -> bytes:
+        """The bytes of one token as llama-server streams them (a leading space kept)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def submit(self, req: Request, notify: Callable[[], None] | None = None) -> Job:
+        if len(req.prompt) == 0:
+            raise EngineError("the prompt is empty")
+        if len(req.prompt) >= self.n_ctx_slot:
+            raise EngineError(
+                f"the request exceeds the available context size ({len(req.prompt)} prompt tokens, "
+                f"{self.n_ctx_slot} per slot)", "exceed_context_size_error",
+                n_prompt_tokens=len(req.prompt), n_ctx=self.n_ctx_slot)
+        if not -1 <= req.id_slot < len(self.slots):
+            raise EngineError(f"id_slot must be -1 or below {len(self.slots)}, got {req.id_slot}")
+        job = Job(req, notify)
+        with self._cv:
+            if len(self.waiting) >= self.max_queue and all(s.busy for s in self.slots):
+                raise QueueFull(len(self.waiting))
+            self.waiting.append(job)
+            self._cv.notify()
+        return job
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread between two steps (model changes, budget changes)."""
+        box: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        with self._cv:
+            self._calls.append((fn, box))
+            self._cv.notify()
+        ok, val = box.get()
+        if not ok:
+            raise val
+        return val
+
+    @property
+    def n_busy(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self.thread.join(timeout=30)
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+    # engine thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closed or self._calls or self.waiting or any(s.busy for s in self.slots)):
+                    self._cv.wait()
+                if self._closed:
+                    for s in self.slots:
+                        if s.job:
+                            s.job.put(EngineError("server shutting down", "unavailable_error", 503))
+                    return
+                calls, self._calls = self._calls, []
+            for fn, box in calls:
+                ctx = self.ctx
+                try:
+                    box.put((True, fn()))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    box.put((False, e))
+                if self.ctx is not ctx and self.ctx != ctx:  # a new context: the slots' caches are gone
+                    for s in self.slots:
+                        s.cache = []
+            try:
+                self._admit()
+                self._step()
+            except BaseException as e:  # noqa: BLE001 - every request in flight learns of it
+                log.exception("generation step failed")
+                for s in self.slots:
+                    if s.job:
+                        s.job.put(EngineError(f"generation failed: {e}", "server_error", 500))
+                        self._release(s, keep_cache=False)
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self.waiting:
+                job = self.waiting[0]
+                slot = self._pick_slot(job.req)
+                if slot is None:
+                    return
+                self.waiting.pop(0)
+                if job.cancelled:
+                    continue
+                try:
+                    self._start(slot, job)
+                except EngineError as e:
+                    job.put(e)
+                    self._release(slot, keep_cache=False)
+
+    def _pick_slot(self, req: Request) -> _Slot | None:
+        if req.id_slot >= 0:
+            s = self.slots[req.id_slot]
+            return None if s.busy else s
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            return None
+        # llama-server: the free slot whose cache shares the longest prefix, else the least recently used
+        best = max(free, key=lambda s: (_common(s.cache, req.prompt), -s.t_last_use))
+        return best if _common(best.cache, req.prompt) else min(free, key=lambda s: s.t_last_use)
+
+    def _start(self, slot: _Slot, job: Job) -> None:
+        req = job.req
+        n_keep = _common(slot.cache, req.prompt) if req.cache_prompt else 0
+        n_keep = min(n_keep, len(req.prompt) - 1)  # the last prompt token is decoded again for its logits
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        if not llama_cpp.llama_memory_seq_rm(mem, slot.id, n_keep, -1):
+            llama_cpp.llama_memory_seq_rm(mem, slot.id, -1, -1)
+            n_keep = 0
+        slot.cache = list(req.prompt[:n_keep])
+        slot.pending = list(req.prompt[n_keep:])
+        slot.n_cached = n_keep
+        slot.job = job
+        slot.chain = self._chain(req)
+        slot.out_tokens, slot.out_bytes, slot.sent = [], bytearray(), 0
+        slot.t_start, slot.t_prompt = time.perf_counter(), 0.0
+        self.stats["requests"] += 1
+
+    def _chain(self, req: Request) -> Any:
+        p = req.sampling
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda smpl: llama_cpp.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+        if p.grammar:
+            g = llama_cpp.llama_sampler_init_grammar(self.vocab, p.grammar.encode(), b"root")
+            if not g:
+                llama_cpp.llama_sampler_free(chain)
+                raise EngineError("failed to parse grammar")
+            add(g)
+        bias = dict(p.logit_bias)
+        if req.ignore_eos:
+            bias.update({t: float("-inf") for t in self.eog})
+        if bias:
+            arr = (llama_cpp.llama_logit_bias * len(bias))(*[llama_cpp.llama_logit_bias(t, b) for t, b in bias.items()])
+            add(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
+        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, p.repeat_last_n, p.repeat_penalty, p.frequency_penalty,
+                                                       p.presence_penalty))
+        if p.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(p.top_k))
+        if p.typical_p < 1.0:
+            add(llama_cpp.llama_sampler_init_typical(p.typical_p, p.min_keep))
+        if p.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(p.top_p, p.min_keep))
+        if p.min_p > 0.0:
+            add(llama_cpp.llama_sampler_init_min_p(p.min_p, p.min_keep))
+        add(llama_cpp.llama_sampler_init_temp_ext(p.temperature, 0.0, 1.0))
+        add(llama_cpp.llama_sampler_init_dist(p.seed & 0xFFFFFFFF))
+        return chain
+
+    def _step(self) -> None:
+        b = self.batch
+        b.n_tokens = 0
+        rows: list[tuple[_Slot, int]] = []   # slots that sample from this step, and their logits row
+
+        def add(tok: int, pos: int, seq: int, logits: bool) -> None:
+            i = b.n_tokens
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+            b.n_tokens = i + 1
+
+        for s in self.slots:  # cancelled requests free their slot first
+            if s.job and s.job.cancelled:
+                self._release(s)
+        gen = [s for s in self.slots if s.busy and not s.pending]
+        for s in gen:
+            add(s.out_tokens[-1], len(s.cache), s.id, True)
+            rows.append((s, b.n_tokens - 1))
+        room = self.n_batch - b.n_tokens
+        prompting = []
+        for s in self.slots:
+            if s.busy and s.pending and room > 0:
+                take = s.pending[:room]
+                for j, tok in enumerate(take):
+                    last = j == len(take) - 1 and len(take) == len(s.pending)
+                    add(tok, len(s.cache) + j, s.id, last)
+                    if last:
+                        rows.append((s, b.n_tokens - 1))
+                room -= len(take)
+                prompting.append((s, len(take)))
+        if b.n_tokens == 0:
+            return
+        t0 = time.perf_counter()
+        self.llm.decode_batch(b)  # the runtime's hooks: router tap, scheduler, swaps
+        dt = time.perf_counter() - t0
+        self.stats["decode_calls"] += 1
+        self.stats["busy_slots_sum"] += len(gen) + len(prompting)
+        for s in gen:
+            s.cache.append(s.out_tokens[-1])
+        for s, n in prompting:
+            s.cache.extend(s.pending[:n])
+            del s.pending[:n]
+            self.stats["prompt_tokens"] += n
+            self.stats["prompt_seconds"] += dt * n / b.n_tokens
+        if gen:
+            self.stats["predicted_seconds"] += dt * len(gen) / b.n_tokens
+        now = time.perf_counter()
+        for s, row in rows:
+            if s.job is None:
+                continue
+            if not s.t_prompt:
+                s.t_prompt = now
+            self._sample(s, row)
+        for s in self.slots:
+            self.stats["n_past_max"] = max(self.stats["n_past_max"], len(s.cache))
+
+    def _sample(self, s: _Slot, row: int) -> None:
+        req = s.job.req
+        tok = llama_cpp.llama_sampler_sample(s.chain, self.ctx, row)
+        lp = top = None
+        if req.sampling.n_probs > 0:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+            logp = logits - logits.max()
+            logp = logp - np.log(np.exp(logp).sum())
+            k = min(req.sampling.n_probs, self.n_vocab)
+            idx = np.argpartition(-logp, k - 1)[:k]
+            idx = idx[np.argsort(-logp[idx])]
+            lp, top = float(logp[tok]), [(int(i), float(logp[i])) for i in idx]
+        self.stats["predicted_tokens"] += 1
+        if llama_cpp.llama_vocab_is_eog(self.vocab, tok) and not req.ignore_eos:
+            return self._finish(s, "stop", "eos", "")
+        s.out_tokens.append(tok)
+        s.out_bytes += self.piece(tok)
+        text = _utf8_prefix(bytes(s.out_bytes))
+        for w in req.stop:
+            at = text.find(w, max(0, s.sent - len(w)))
+            if w and at >= 0:
+                self._emit(s, tok, text[:at], lp, top)
+                return self._finish(s, "stop", "word", w, text[:at])
+        hold = max((_partial(text, w) for w in req.stop), default=0)
+        self._emit(s, tok, text[:len(text) - hold], lp, top)
+        n_pred = req.n_predict
+        if n_pred >= 0 and len(s.out_tokens) >= n_pred:
+            return self._finish(s, "length", "limit", "")
+        if len(s.cache) + 1 >= self.n_ctx_slot:
+            return self._finish(s, "length", "limit", "", truncated=True)
+
+    def _emit(self, s: _Slot, tok: int, upto: str, lp: float | None, top: Any) -> None:
+        new = upto[s.sent:] if len(upto) > s.sent else ""
+        s.sent = max(s.sent, len(upto))
+        s.job.put(Token(tok, new, lp, top))
+
+    def _finish(self, s: _Slot, reason: str, stop_type: str, word: str, text: str | None = None,
+                truncated: bool = False) -> None:
+        job = s.job
+        if text is None:
+            text = _utf8_prefix(bytes(s.out_bytes), final=True)
+            if len(text) > s.sent:  # release what was held back for a stop word that never came
+                job.put(Token(-1, text[s.sent:]))
+        now = time.perf_counter()
+        n_prompt = len(job.req.prompt)
+        t_prompt = (s.t_prompt or now) - s.t_start
+        n_eval, n_pred = n_prompt - s.n_cached, len(s.out_tokens) + (stop_type == "eos")
+        t_pred = now - (s.t_prompt or now)
+        # as llama-server: the first token comes with the prompt's logits, so the generation rate is
+        # over the n - 1 decode steps after it
+        steps = max(n_pred - 1, 0)
+        timings = {"cache_n": s.n_cached, "prompt_n": n_eval, "prompt_ms": 1e3 * t_prompt,
+                   "prompt_per_token_ms": 1e3 * t_prompt / max(n_eval, 1),
+                   "prompt_per_second": n_eval / t_prompt if t_prompt > 0 else 0.0,
+                   "predicted_n": n_pred, "predicted_ms": 1e3 * t_pred,
+                   "predicted_per_token_ms": 1e3 * t_pred / steps if steps and t_pred > 0 else 0.0,
+                   "predicted_per_second": steps / t_pred if steps and t_pred > 0 else 0.0}
+        job.put(Done(text, list(s.out_tokens), reason, stop_type, word, n_prompt, s.n_cached, n_pred, truncated,
+                     s.id, timings))
+        self._release(s)
+
+    def _release(self, s: _Slot, keep_cache: bool = True) -> None:
+        if s.chain is not None:
+            llama_cpp.llama_sampler_free(s.chain)
+            s.chain = None
+        if not keep_cache:
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), s.id, -1, -1)
+            s.cache = []
+        s.job, s.pending = None, []
+        s.t_last_use = time.perf_counter()
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _utf8_prefix(data: bytes, final: bool = False) -> str:
+    """The text of `data`, without a trailing incomplete UTF-8 character (unless final)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not final and e.reason == "unexpected end of data":
+            return data[:e.start].decode("utf-8", "replace")
+        return data.decode("utf-8", "replace")
+
+
+def _partial(text: str, word: str) -> int:
+    """Length of the longest end of `text` that begins `word` (held back: it may become a stop word)."""
+    for n in range(min(len(word) - 1, len(text)), 0, -1):
+        if text.endswith(word[:n]):
+            return n
+    return 0

@@ -1,0 +1,13 @@
+"""`swapmoe serve`: llama-server's HTTP API (and OpenAI's, Anthropic's, Ollama's) on the Virtual
+Experts runtime. One module per API family over one generation core (core.py, ../engine.py):
+
+    native.py     /completion, /tokenize, /detokenize, /apply-template, /health, /props, /slots, /metrics
+    openai.py     /v1/chat/completions, /v1/completions, /v1/models
+    anthropic.py  /v1/messages, /v1/messages/count_tokens
+    ollama.py     /api/chat, /api/generate, /api/tags, /api/show, ...
+    swapmoe.py    /swapmoe/budget
+"""
+from .app import PUBLIC_PATHS, create_app, serve
+from .core import APIError, ServerSettings
+
+__all__ = ["APIError", "PUBLIC_PATHS", "ServerSettings", "create_app", "serve"]

@@ -1,0 +1,267 @@
+"""The generation core every API family shares: settings, errors, prompts, sampling, results.
+
+Routes (openai.py, native.py, anthropic.py, ollama.py, swapmoe.py) turn their request shapes into
+an engine `Request` with `Core.request(...)`, then either `await core.complete(req)` (one `Result`)
+or iterate `core.stream(req, http_request)` (Token events, then a `Result`). Errors are `APIError`
+with llama-server's type names and codes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Request as HTTPRequest
+
+from ..engine import Done, Engine, EngineError, QueueFull, Request, SamplingParams, Token
+from ..settings import SamplingSettings
+from ..chat_template import ChatFormatter
+
+log = logging.getLogger(__name__)
+BUILD = "b0-swapmoe"   # system_fingerprint (llama-server: its build info, "b<number>-<commit>")
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: tuple[str, ...] = ()
+    alias: str | None = None
+    parallel: int = 1                   # slots: sequences generated at once (-np, llama-server's meaning)
+    max_queue: int = 64                 # requests that may wait for a slot; beyond: 503
+    max_body_bytes: int = 8 << 20
+    cors_origins: tuple[str, ...] = ()
+    retry_after_s: int = 2
+    metrics: bool = False               # /metrics (llama-server: --metrics)
+    slots: bool = True                  # /slots (llama-server: --slots / --no-slots)
+    jinja: bool = True                  # Jinja chat templates (--jinja / --no-jinja)
+    chat_template: str | None = None    # a template name (chatml, llama3, ...) or Jinja text
+    chat_template_file: str | None = None
+    n_predict: int = -1                 # default when a request gives none (-1: no limit)
+    ui: bool = True                     # "/" answers with a page (no web UI ships; --no-ui: 404)
+    verbose: bool = False               # responses carry llama-server's "__verbose" object
+    tags: tuple[str, ...] = ()
+    reasoning: str = "auto"             # on | off | auto: the templates' enable_thinking
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.headers, self.extra = headers or {}, extra
+
+
+def error_body(e: APIError) -> dict[str, Any]:
+    """llama-server's error object (`code` is the HTTP status) plus OpenAI's `param`."""
+    return {"error": {"code": e.status, "message": e.message, "type": e.type, "param": None, **e.extra}}
+
+
+@dataclass
+class Result:
+    """A finished generation, with what every API family reports."""
+    done: Done
+    prompt_text: str
+    probs: list[Token] = field(default_factory=list)
+
+
+class Core:
+    def __init__(self, llm: Any, settings: ServerSettings, sampling: SamplingSettings | None = None):
+        self.llm, self.s = llm, settings
+        self.sampling = sampling or SamplingSettings()
+        self.alias = settings.alias or llm.vmodel.info.path.stem
+        self.engine = Engine(llm, settings.parallel, max_queue=settings.max_queue)
+        self.chat = ChatFormatter.for_model(llm, settings)
+        self.started = time.time()
+        self.counters = {"prompt_tokens": 0, "prompt_seconds": 0.0, "predicted_tokens": 0,
+                         "predicted_seconds": 0.0, "requests": 0, "disconnects": 0, "refused": 0, "cached_tokens": 0}
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # prompts ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
+
+    def prompt_tokens(self, prompt: Any) -> list[int]:
+        """llama-server's prompt forms: a string, a list of token ids, or a mix of both."""
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if isinstance(prompt, list):
+            out: list[int] = []
+            for i, part in enumerate(prompt):
+                if isinstance(part, int):
+                    out.append(part)
+                elif isinstance(part, str):
+                    out += self.tokenize(part, add_special=i == 0)
+                else:
+                    raise APIError(400, "prompt parts must be strings or token ids")
+            return out
+        raise APIError(400, "\"prompt\" must be a string, a list of token ids, or a list of both")
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.engine.piece(t, special) for t in tokens).decode("utf-8", "replace")
+
+    # requests -----------------------------------------------------------------------------------
+    def request(self, tokens: list[int], body: dict[str, Any], *, n_predict_key: str = "n_predict") -> Request:
+        """An engine request from a body's sampling fields; unset ones take the server's defaults."""
+        d = self.sampling
+
+        def g(key: str, default: Any, kind: type = float) -> Any:
+            v = body.get(key)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+                raise APIError(400, f"\"{key}\" must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+            return kind(v)
+
+        n_predict = g(n_predict_key, g("n_predict", g("max_tokens", g("max_completion_tokens", self.s.n_predict, int),
+                                                      int), int), int)
+        seed = g("seed", -1, int)
+        n_probs = g("n_probs", 0, int)
+        if n_probs < 0:
+            raise APIError(400, f"\"n_probs\" must be >= 0, got {n_probs}")
+        sp = SamplingParams(
+            temperature=g("temperature", d.temp), top_k=g("top_k", d.top_k, int), top_p=g("top_p", d.top_p),
+            min_p=g("min_p", d.min_p), typical_p=g("typical_p", 1.0), repeat_penalty=g("repeat_penalty", d.repeat_penalty),
+            repeat_last_n=g("repeat_last_n", 64, int), presence_penalty=g("presence_penalty", 0.0),
+            frequency_penalty=g("frequency_penalty", 0.0), seed=self.seed if seed < 0 else seed,
+            logit_bias=self.logit_bias(body.get("logit_bias")), grammar=body.get("grammar") or None, n_probs=n_probs)
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+            raise APIError(400, "\"stop\" must be a string or an array of strings")
+        return Request(tokens, n_predict=n_predict, sampling=sp, stop=list(stop),
+                       ignore_eos=bool(body.get("ignore_eos", d.ignore_eos)),
+                       cache_prompt=bool(body.get("cache_prompt", True)), id_slot=g("id_slot", -1, int))
+
+    @property
+    def seed(self) -> int:
+        s = getattr(self.llm, "_seed", None)
+        return 0xFFFFFFFF if s is None or s < 0 else int(s)
+
+    def logit_bias(self, bias: Any) -> dict[int, float]:
+        """OpenAI's {"token id": bias} or llama-server's [[token or text, bias or false], ...]."""
+        out: dict[int, float] = {}
+        if not bias:
+            return out
+        items = bias.items() if isinstance(bias, dict) else bias
+        for item in items:
+            try:
+                key, val = item
+            except (TypeError, ValueError):
+                raise APIError(400, "logit_bias entries must be [token, bias] pairs") from None
+            val = float("-inf") if val is False else float(val)
+            if isinstance(key, str) and not key.lstrip("-").isdigit():
+                ids = self.tokenize(key, add_special=False)
+            else:
+                ids = [int(key)]
+            for t in ids:
+                if not 0 <= t < self.llm.n_vocab():
+                    raise APIError(400, f"logit_bias token {t} is not in the vocabulary (0..{self.llm.n_vocab() - 1})")
+                out[t] = val
+        return out
+
+    # running ------------------------------------------------------------------------------------
+    def _submit(self, req: Request, notify: Any = None) -> Any:
+        try:
+            job = self.engine.submit(req, notify)
+        except QueueFull as e:
+            self.counters["refused"] += 1
+            raise APIError(503, str(e), "unavailable_error", headers={"Retry-After": str(self.s.retry_after_s)}) from None
+        except EngineError as e:
+            raise APIError(e.status, str(e), e.kind, **e.extra) from None
+        self.counters["requests"] += 1
+        return job
+
+    async def complete(self, req: Request, http: HTTPRequest | None = None) -> tuple[Done, list[Token]]:
+        tokens: list[Token] = []
+        done = None
+        async for ev in self.stream(req, http):
+            if isinstance(ev, Done):
+                done = ev
+            else:
+                tokens.append(ev)
+        assert done is not None
+        return done, tokens
+
+    def start(self, req: Request) -> Any:
+        """Submit now: a refusal (queue full, prompt too long) is raised before any response is sent."""
+        return self._submit(req)
+
+    async def stream(self, req: Request | Any, http: HTTPRequest | None = None) -> AsyncIterator[Token | Done]:
+        """Events of one request (or of a job from `start`); a client that goes away cancels it (its
+        slot frees at the next step)."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        notify = lambda: loop.call_soon_threadsafe(wake.set)  # noqa: E731
+        if isinstance(req, Request):
+            job = self._submit(req, notify)
+        else:
+            job = req
+            job.notify = notify
+            wake.set()
+        finished = False
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while not job.q.empty():
+                    ev = job.q.get()
+                    if isinstance(ev, EngineError):
+                        finished = True
+                        raise APIError(ev.status, str(ev), ev.kind, **ev.extra)
+                    if isinstance(ev, Done):
+                        finished = True
+                        self._count(ev)
+                    yield ev
+                    if finished:
+                        return
+                if http is not None and await http.is_disconnected():
+                    return
+        finally:
+            if not finished:
+                job.cancel()
+                self.counters["disconnects"] += 1
+                with self.engine._cv:
+                    self.engine._cv.notify()
+
+    def _count(self, d: Done) -> None:
+        c = self.counters
+        c["prompt_tokens"] += d.timings["prompt_n"]
+        c["cached_tokens"] += d.n_cached
+        c["prompt_seconds"] += d.timings["prompt_ms"] / 1e3
+        c["predicted_tokens"] += d.n_predicted
+        c["predicted_seconds"] += d.timings["predicted_ms"] / 1e3
+
+    def generation_settings(self, req: Request) -> dict[str, Any]:
+        p = req.sampling
+        return {"n_predict": req.n_predict, "seed": p.seed, "temperature": p.temperature, "top_k": p.top_k,
+                "top_p": p.top_p, "min_p": p.min_p, "typical_p": p.typical_p, "repeat_penalty": p.repeat_penalty,
+                "repeat_last_n": p.repeat_last_n, "presence_penalty": p.presence_penalty,
+                "frequency_penalty": p.frequency_penalty, "n_probs": p.n_probs, "stop": req.stop,
+                "ignore_eos": req.ignore_eos, "grammar": p.grammar or "", "n_ctx": self.engine.n_ctx_slot,
+                "adaptive_target": -1.0, "adaptive_decay": 0.9, "dry_multiplier": 0.0, "xtc_probability": 0.0,
+                "mirostat": 0, "samplers": ["penalties", "top_k", "typ_p", "top_p", "min_p", "temperature"],
+                "stream": False, "cache_prompt": req.cache_prompt, "post_sampling_probs": False,
+                # llama-server's shape: -inf is written as null
+                "logit_bias": [{"token": t, "bias": None if b == float("-inf") else b} for t, b in (
+                    list(p.logit_bias.items()) + ([(t, float("-inf")) for t in self.engine.eog] if req.ignore_eos
+                                                  else []))]}
+
+    def token_probs(self, tokens: list[Token], post_sampling: bool = False) -> list[dict[str, Any]]:
+        """llama-server's completion_probabilities / OpenAI's logprobs.content entries; with
+        `post_sampling_probs`, probabilities ("prob", "top_probs") instead of log-probabilities."""
+        key, top = ("prob", "top_probs") if post_sampling else ("logprob", "top_logprobs")
+        val = (lambda lp: math.exp(lp)) if post_sampling else (lambda lp: lp)  # noqa: E731
+
+        def one(t: int, lp: float) -> dict[str, Any]:
+            b = self.engine.piece(t)
+            return {"id": t, "token": b.decode("utf-8", "replace"), "bytes": list(b), key: val(lp)}
+        return [one(t.id, t.logprob) | {top: [one(i, lp) for i, lp in t.top]}
+                for t in tokens if t.top is not None and t.id >= 0]

@@ -1,0 +1,235 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (also without /v1,
+as llama-server serves them), with llama-server's extensions (timings, cached tokens)."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from ..engine import Done, Token
+from .core import BUILD, APIError, Core
+from .http import parse_json, sse
+from ..chat_template import TemplateError, text_of
+from .tools import ToolCalling
+
+_UNSUPPORTED = {"best_of": "best_of is not supported"}
+
+
+def schema_grammar(schema: Any) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions on bad schemas
+        raise APIError(400, f"json_schema: {e}") from None
+
+
+def structured(body: dict[str, Any]) -> str | None:
+    """A grammar from `response_format`, `json_schema` or `grammar` (llama-server's three ways)."""
+    rf = body.get("response_format")
+    if isinstance(rf, dict):
+        kind = rf.get("type")
+        if kind == "json_object":
+            return schema_grammar(rf.get("schema") or {"type": "object"})
+        if kind == "json_schema":
+            js = rf.get("json_schema") or {}
+            return schema_grammar(js.get("schema", js) if isinstance(js, dict) else {})
+        if kind not in (None, "text"):
+            raise APIError(400, f"response_format type must be text, json_object or json_schema, got {kind!r}")
+    if body.get("json_schema") is not None:
+        return schema_grammar(body["json_schema"])
+    return body.get("grammar") or None
+
+
+def check_n(body: dict[str, Any]) -> None:
+    for k, msg in _UNSUPPORTED.items():
+        if body.get(k) not in (None, 1):
+            raise APIError(400, msg)
+
+
+def usage(d: Done) -> dict[str, Any]:
+    return {"completion_tokens": d.n_predicted, "prompt_tokens": d.n_prompt, "total_tokens": d.n_predicted + d.n_prompt,
+            "prompt_tokens_details": {"cached_tokens": d.n_cached}}
+
+
+def finish(d: Done, tool_calls: bool = False) -> str:
+    if d.stop_type in ("eos", "word"):
+        return "tool_calls" if tool_calls else "stop"
+    return "length"
+
+
+def router(core: Core) -> APIRouter:
+    r = APIRouter()
+
+    def envelope(obj: str, cid: str) -> dict[str, Any]:
+        return {"id": cid, "object": obj, "created": int(time.time()), "model": core.alias, "system_fingerprint": BUILD}
+
+    @r.get("/v1/models")
+    @r.get("/models")
+    async def models() -> dict[str, Any]:
+        meta = {"n_ctx_train": core.llm._model.n_ctx_train(), "n_vocab": core.llm.n_vocab(),
+                "n_embd": core.llm.n_embd(), "size": core.llm.vmodel.info.path.stat().st_size}
+        m = {"id": core.alias, "object": "model", "created": int(core.started), "owned_by": "llamacpp", "meta": meta,
+             "aliases": [core.alias], "tags": list(core.s.tags)}
+        return {"object": "list", "data": [m],
+                "models": [{"name": core.alias, "model": core.alias, "type": "model", "capabilities": ["completion"]}]}
+
+    @r.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await parse_json(request)
+        check_n(body)
+        if "prompt" not in body:
+            raise APIError(400, "\"prompt\" is required")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        req = core.request(core.prompt_tokens(prompt), {**body, "grammar": structured(body)}, n_predict_key="max_tokens")
+        if body.get("logprobs"):
+            req.sampling.n_probs = max(1, int(body["logprobs"]) if not isinstance(body["logprobs"], bool) else 1)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            return sse(_completion_chunks(core, core.start(req), request, cid, envelope, body))
+        d, toks = await core.complete(req, request)
+        lp = {"content": core.token_probs(toks)} if req.sampling.n_probs else None
+        return {**envelope("text_completion", cid),
+                "choices": [{"text": d.text, "index": 0, "logprobs": lp, "finish_reason": finish(d)}],
+                "usage": usage(d), "timings": d.timings}
+
+    @r.post("/v1/chat/completions")
+    @r.post("/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await parse_json(request)
+        check_n(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "\"messages\" must be a non-empty array")
+        tools = ToolCalling.from_body(body)
+        prompt = render_chat(core, body, tools)
+        grammar = tools.grammar() or structured(body)
+        req = core.request(core.prompt_tokens(prompt), {**body, "grammar": grammar}, n_predict_key="max_completion_tokens")
+        if body.get("logprobs"):
+            req.sampling.n_probs = max(1, int(body.get("top_logprobs") or 1))
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            return sse(_chat_chunks(core, core.start(req), request, cid, envelope, body, tools, req))
+        n = int(body.get("n") or 1)
+        results = [await core.complete(req, request) for _ in range(n)]  # n choices: one after the other
+        choices = []
+        for i, (d, toks) in enumerate(results):
+            choices.append(_choice(core, d, toks, req, tools, i))
+        d = results[0][0]
+        out = {**envelope("chat.completion", cid), "choices": choices, "usage": usage(d), "timings": d.timings}
+        if core.s.verbose or body.get("verbose"):
+            out["__verbose"] = {"prompt": core.detokenize(req.prompt, special=True), "content": d.text}
+        return out
+
+    @r.post("/v1/chat/completions/input_tokens")
+    @r.post("/chat/completions/input_tokens")
+    async def chat_input_tokens(request: Request) -> dict[str, Any]:
+        body = await parse_json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "\"messages\" must be a non-empty array")
+        tools = ToolCalling.from_body(body)
+        return {"input_tokens": len(core.prompt_tokens(render_chat(core, body, tools)))}
+
+    return r
+
+
+def _choice(core: Core, d: Done, toks: list[Token], req: Any, tools: ToolCalling, index: int) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": d.text}
+    calls = tools.parse(d.text)
+    if calls is not None:
+        msg = {"role": "assistant", "content": calls[0] or None, "tool_calls": calls[1]} if calls[1] else (
+            {"role": "assistant", "content": calls[0]})
+    choice: dict[str, Any] = {"finish_reason": finish(d, bool(msg.get("tool_calls"))), "index": index, "message": msg}
+    if req.sampling.n_probs:
+        choice["logprobs"] = {"content": core.token_probs(toks)}
+    return choice
+
+
+def render_chat(core: Core, body: dict[str, Any], tools: ToolCalling) -> str:
+    """The prompt of a chat request. A final assistant message is continued (prefill), as llama-server
+    and vLLM's `continue_final_message` do; with `add_generation_prompt` that is an error."""
+    messages = tools.messages(body["messages"])
+    kwargs = dict(body.get("chat_template_kwargs") or {})
+    add_gen = body.get("add_generation_prompt", kwargs.pop("add_generation_prompt", None))
+    cont = body.get("continue_final_message", kwargs.pop("continue_final_message", None))
+    if cont and add_gen:
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true")
+    prefill = None
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, "every message must be an object with a string role")
+        if not (m.get("content") is None or isinstance(m.get("content"), (str, list))):
+            raise APIError(400, "message content must be a string or an array of content parts")
+    last = messages[-1]
+    if len(messages) > 1 and last["role"] == "assistant" and messages[-2].get("role") == "assistant":
+        raise APIError(400, "Cannot have 2 or more assistant messages at the end of the list.")
+    if last.get("role") == "assistant" and not last.get("tool_calls") and (cont or add_gen is None):
+        prefill, messages = last, messages[:-1]
+    try:
+        prompt = core.chat.render(messages, add_generation_prompt=True if prefill is not None else (
+            add_gen if add_gen is not None else True), tools=tools.for_template(), **kwargs)
+        if prefill is not None:
+            prompt += text_of(prefill.get("content"), sep="\n\n")
+    except TemplateError as e:
+        raise APIError(400, str(e)) from None
+    return prompt
+
+
+async def _completion_chunks(core: Core, job: Any, request: Request, cid: str, envelope: Any,
+                             body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async for ev in core.stream(job, request):
+        if isinstance(ev, Token):
+            if not ev.text and ev.top is None:
+                continue
+            lp = {"content": core.token_probs([ev])} if ev.top is not None else None
+            yield {**envelope("text_completion", cid),
+                   "choices": [{"text": ev.text, "index": 0, "logprobs": lp, "finish_reason": None}]}
+        else:
+            last = {**envelope("text_completion", cid),
+                    "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": finish(ev)}],
+                    "timings": ev.timings}
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield last
+                yield {**envelope("text_completion", cid), "choices": [], "usage": usage(ev), "timings": ev.timings}
+            else:
+                yield last | {"usage": usage(ev)}
+
+
+async def _chat_chunks(core: Core, job: Any, request: Request, cid: str, envelope: Any, body: dict[str, Any],
+                       tools: ToolCalling, req: Any) -> AsyncIterator[dict[str, Any]]:
+    def chunk(delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {**envelope("chat.completion.chunk", cid),
+                "choices": [{"finish_reason": reason, "index": 0, "delta": delta, **extra}]}
+
+    yield chunk({"role": "assistant", "content": None})
+    held: list[str] = []
+    async for ev in core.stream(job, request):
+        if isinstance(ev, Token):
+            if tools.active:  # a tool call is parsed from the whole answer, as llama-server does
+                held.append(ev.text)
+                continue
+            if ev.text or ev.top is not None:
+                extra = {"logprobs": {"content": core.token_probs([ev])}} if ev.top is not None else {}
+                yield chunk({"content": ev.text}, **extra)
+            continue
+        is_call = False
+        if tools.active:
+            calls = tools.parse("".join(held))
+            content, tool_calls = calls if calls is not None else ("".join(held), [])
+            if content:
+                yield chunk({"content": content})
+            for i, c in enumerate(tool_calls):
+                yield chunk({"tool_calls": [{"index": i, **c}]})
+            is_call = bool(tool_calls)
+        last = chunk({}, finish(ev, is_call)) | {"timings": ev.timings}
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield last
+            yield {**envelope("chat.completion.chunk", cid), "choices": [], "usage": usage(ev), "timings": ev.timings}
+        else:
+            yield last | {"usage": usage(ev)}
