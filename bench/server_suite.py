@@ -10,7 +10,8 @@ dense model's), served with 2 of the 4 experts resident (Virtual Experts active,
 
 Counted: the non-slow tests whose server is the suite's stories260K preset (`tinyllama2`); tests that
 need another model (embeddings, reranking, vision, the multi-model router, infill, LoRA, speculative
-decoding) are out of scope and not counted. Every failure is listed with its first error line.
+decoding) are out of scope and not counted. Every failure is listed with the reason (REASONS below;
+a failure without one is reported as "not yet explained").
 """
 from __future__ import annotations
 
@@ -54,6 +55,32 @@ while i < len(args):
 os.execv(sys.executable, [sys.executable, "-m", "swapmoe_gguf", "serve", "-m", {model!r},
                           "--experts-per-layer", "{s}", *out])
 '''
+
+
+# Why the tests that fail here fail (matched by prefix). Kept by hand: a new failure shows up as
+# "not yet explained" in the report, never as a silent pass.
+REASONS = {
+    "test_basic::test_load_split_model": "needs stories15M (a different model, split in 3 files) to write "
+        "\"little\" or \"girl\"; the launcher serves the one local stories260K MoE for every model the "
+        "suite names (split GGUFs themselves load: tests/test_split.py)",
+    "test_compat_gcp::": "Google Vertex AI's prediction routes (AIP_MODE=PREDICTION, /predict): not offered",
+    "test_completion::test_cache_vs_nocache_prompt": "skipped by the suite itself on Linux (\"This test fails "
+        "on linux, need to be fixed\")",
+    "test_kv_keep_only_active::": "llama-server's host-RAM prompt cache and its log tags: prompts are cached in "
+        "each slot's KV cache only (--cache-ram is accepted with no effect, --no-cache-idle-slots is refused)",
+    "test_proxy::": "the web UI's MCP CORS proxy (--ui-mcp-proxy): not offered, the flag is refused; without it "
+        "/cors-proxy answers 403 as llama-server's does (test_mcp_no_proxy passes)",
+    "test_security::test_cors_proxy_only": "the same MCP CORS proxy (--ui-mcp-proxy): not offered",
+    "test_security::test_access_static_assets_without_api_key": "the web UI's static files (/sw.js, ...): "
+        "no web UI ships; / answers with a page naming the APIs",
+    "test_sleep::": "--sleep-idle-seconds (unloading the model while idle): not offered, the flag is refused",
+    "test_slot_save::test_slot_restore_legacy_token_list": "a slot file in the token-list layout of older "
+        "llama-server builds: slot files here are llama.cpp's own llama_state_seq_save_file format",
+}
+
+
+def reason(test: str) -> str:
+    return next((r for k, r in REASONS.items() if test.startswith(k)), "not yet explained")
 
 
 def applicable(unit: Path) -> list[str]:
@@ -123,7 +150,7 @@ def main() -> int:
         Path(a.json).write_text(json.dumps(out, indent=1))
         print(f"{out['passed']} of {out['applicable']} passed ({out['seconds']} s); pytest rc {proc.returncode}")
         for k, m in out["failed"].items():
-            print(f"  FAIL {k}: {m}")
+            print(f"  FAIL {k}: {m}\n       why: {reason(k)}")
         if not results:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
         if a.md:
@@ -153,10 +180,12 @@ def _junit(path: Path) -> dict[str, dict[str, str]]:
 
 
 def render(out: dict) -> str:
-    rows = "\n".join(f"| `{k}` | {m.replace('|', '/')} |" for k, m in out["failed"].items())
-    return (f"# llama-server's test suite against `swapmoe serve`\n\n{out['passed']} of {out['applicable']} "
-            f"applicable tests pass ({out['date']}, `python bench/server_suite.py`).\n\n"
-            f"| test | why it fails |\n|---|---|\n{rows}\n")
+    rows = "\n".join(f"| `{k}` | {reason(k)} |" for k in out["failed"])
+    return (f"# llama-server's test suite against `swapmoe serve`\n\n"
+            f"**{out['passed']} of {out['applicable']}** applicable tests pass ({out['date']}, "
+            f"`python bench/server_suite.py`, {out['seconds']} s on this machine).\n\n"
+            f"{__doc__.split(chr(10), 2)[2].strip()}\n\n## Tests that fail, and why\n\n"
+            f"| test | why |\n|---|---|\n{rows}\n")
 
 
 if __name__ == "__main__":

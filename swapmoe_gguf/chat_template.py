@@ -73,6 +73,11 @@ class ChatFormatter:
             except TemplateSyntaxError as e:
                 raise TemplateError(f"the chat template does not parse: {e}") from None
 
+    @property
+    def native_tools(self) -> bool:
+        """The template writes tool calls itself (it reads messages' `tool_calls`)."""
+        return self.jinja and "tool_calls" in self.source
+
     @classmethod
     def for_model(cls, llm: Any, settings: Any = None) -> "ChatFormatter":
         """The formatter llama-server would use for this model and these settings (`--jinja`,

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 import llama_cpp
 import numpy as np
 
+from .errors import ContextFull
+
 log = logging.getLogger(__name__)
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
 
@@ -70,6 +72,7 @@ class Request:
     ignore_eos: bool = False
     cache_prompt: bool = True
     id_slot: int = -1
+    return_progress: bool = False       # Progress events while the prompt is read
 
 
 @dataclass
@@ -78,6 +81,15 @@ class Token:
     text: str                           # text released by this token (held back while it may start a stop word)
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None  # (token, logprob) of the n_probs most likely
+
+
+@dataclass
+class Progress:
+    """How far the prompt is (llama-server's prompt_progress): tokens in total, from the cache, read."""
+    total: int
+    cache: int
+    processed: int
+    time_ms: float
 
 
 @dataclass
@@ -134,6 +146,7 @@ class _Slot:
     t_start: float = 0.0
     t_prompt: float = 0.0                             # time to first token (prompt done)
     t_last_use: float = 0.0
+    truncated: bool = False                           # the context was shifted (older tokens dropped)
 
     @property
     def busy(self) -> bool:
@@ -141,7 +154,8 @@ class _Slot:
 
 
 class Engine:
-    def __init__(self, llm: Any, n_slots: int = 1, max_queue: int = 64, n_batch: int | None = None):
+    def __init__(self, llm: Any, n_slots: int = 1, max_queue: int = 64, n_batch: int | None = None,
+                 context_shift: bool = False):
         self.llm = llm
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         n_seq = llama_cpp.llama_n_seq_max(self.ctx)
@@ -152,6 +166,8 @@ class Engine:
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.waiting: list[Job] = []
         self.max_queue = max_queue
+        self.context_shift = context_shift  # a full slot drops half its older tokens instead of stopping
+        self.n_keep_bos = int(bool(llama_cpp.llama_vocab_get_add_bos(self.vocab)))
         self._calls: list[tuple[Callable[[], Any], "queue.SimpleQueue[Any]"]] = []
         self._cv = threading.Condition()
         self._closed = False
@@ -193,8 +209,9 @@ class Engine:
             raise EngineError(f"id_slot must be -1 or below {len(self.slots)}, got {req.id_slot}")
         job = Job(req, notify)
         with self._cv:
-            if len(self.waiting) >= self.max_queue and all(s.busy for s in self.slots):
-                raise QueueFull(len(self.waiting))
+            free = sum(not s.busy for s in self.slots)  # requests not yet admitted to a free slot
+            if len(self.waiting) >= self.max_queue + free:
+                raise QueueFull(len(self.waiting) - free)
             self.waiting.append(job)
             self._cv.notify()
         return job
@@ -209,6 +226,51 @@ class Engine:
         if not ok:
             raise val
         return val
+
+    # slot actions (llama-server's /slots/{id}?action=...): run between steps, on an idle slot
+    def save_slot(self, slot: int, path: str) -> tuple[int, int]:
+        """The slot's KV cache and tokens to a file: (tokens, bytes written)."""
+        def run() -> tuple[int, int]:
+            s = self._idle(slot)
+            toks = (llama_cpp.llama_token * max(len(s.cache), 1))(*s.cache)
+            n = llama_cpp.llama_state_seq_save_file(self.ctx, path.encode(), s.id, toks, len(s.cache))
+            if n == 0:
+                raise EngineError(f"could not save slot {slot}", "server_error", 500)
+            return len(s.cache), int(n)
+        return self.call(run)
+
+    def restore_slot(self, slot: int, path: str) -> tuple[int, int]:
+        """A saved KV cache and its tokens into a slot: (tokens, bytes read)."""
+        def run() -> tuple[int, int]:
+            s = self._idle(slot)
+            cap = self.n_ctx_slot
+            toks = (llama_cpp.llama_token * cap)()
+            n_out = ctypes.c_size_t(0)
+            n = llama_cpp.llama_state_seq_load_file(self.ctx, path.encode(), s.id, toks, cap, ctypes.byref(n_out))
+            if n == 0:
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), s.id, -1, -1)
+                s.cache = []
+                raise EngineError(f"could not restore slot {slot} from this file (not a saved slot of this "
+                                  f"model, or larger than the slot's {cap} tokens)")
+            s.cache = list(toks[: n_out.value])
+            return n_out.value, int(n)
+        return self.call(run)
+
+    def erase_slot(self, slot: int) -> int:
+        def run() -> int:
+            s = self._idle(slot)
+            n = len(s.cache)
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), s.id, -1, -1)
+            s.cache = []
+            return n
+        return self.call(run)
+
+    def _idle(self, slot: int) -> _Slot:
+        if not 0 <= slot < len(self.slots):
+            raise EngineError(f"no slot {slot}: slots are 0..{len(self.slots) - 1}")
+        if self.slots[slot].busy:
+            raise EngineError(f"slot {slot} is generating; try again when it is idle", "unavailable_error", 503)
+        return self.slots[slot]
 
     @property
     def n_busy(self) -> int:
@@ -299,8 +361,10 @@ class Engine:
         slot.job = job
         slot.chain = self._chain(req)
         slot.out_tokens, slot.out_bytes, slot.sent = [], bytearray(), 0
-        slot.t_start, slot.t_prompt = time.perf_counter(), 0.0
+        slot.t_start, slot.t_prompt, slot.truncated = time.perf_counter(), 0.0, False
         self.stats["requests"] += 1
+        if req.return_progress:
+            job.put(Progress(len(req.prompt), n_keep, n_keep, 0.0))
 
     def _chain(self, req: Request) -> Any:
         p = req.sampling
@@ -366,7 +430,16 @@ class Engine:
         if b.n_tokens == 0:
             return
         t0 = time.perf_counter()
-        self.llm.decode_batch(b)  # the runtime's hooks: router tap, scheduler, swaps
+        try:
+            self.llm.decode_batch(b)  # the runtime's hooks: router tap, scheduler, swaps
+        except ContextFull:
+            # no room left in the KV cache (slots sharing a unified cache): every sequence in flight
+            # is dropped, as llama-server does, and says why
+            for s in self.slots:
+                if s.job:
+                    s.job.put(EngineError("Context size has been exceeded.", "server_error", 500))
+                    self._release(s, keep_cache=False)
+            return
         dt = time.perf_counter() - t0
         self.stats["decode_calls"] += 1
         self.stats["busy_slots_sum"] += len(gen) + len(prompting)
@@ -375,6 +448,9 @@ class Engine:
         for s, n in prompting:
             s.cache.extend(s.pending[:n])
             del s.pending[:n]
+            if s.job.req.return_progress:
+                s.job.put(Progress(len(s.job.req.prompt), s.n_cached, len(s.cache),
+                                   1e3 * (time.perf_counter() - s.t_start)))
             self.stats["prompt_tokens"] += n
             self.stats["prompt_seconds"] += dt * n / b.n_tokens
         if gen:
@@ -418,7 +494,21 @@ class Engine:
         if n_pred >= 0 and len(s.out_tokens) >= n_pred:
             return self._finish(s, "length", "limit", "")
         if len(s.cache) + 1 >= self.n_ctx_slot:
-            return self._finish(s, "length", "limit", "", truncated=True)
+            if not self.context_shift:
+                return self._finish(s, "length", "limit", "", truncated=True)
+            self._shift(s)
+
+    def _shift(self, s: _Slot) -> None:
+        """llama-server's context shift: keep the first n_keep tokens (BOS), drop half of the rest,
+        and move the later half's positions down so the sequence continues."""
+        n_keep = self.n_keep_bos
+        n_past = len(s.cache)
+        n_discard = (n_past - n_keep) // 2
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, s.id, n_keep, n_keep + n_discard)
+        llama_cpp.llama_memory_seq_add(mem, s.id, n_keep + n_discard, n_past, -n_discard)
+        del s.cache[n_keep:n_keep + n_discard]
+        s.truncated = True
 
     def _emit(self, s: _Slot, tok: int, upto: str, lp: float | None, top: Any) -> None:
         new = upto[s.sent:] if len(upto) > s.sent else ""
@@ -446,8 +536,8 @@ class Engine:
                    "predicted_n": n_pred, "predicted_ms": 1e3 * t_pred,
                    "predicted_per_token_ms": 1e3 * t_pred / steps if steps and t_pred > 0 else 0.0,
                    "predicted_per_second": steps / t_pred if steps and t_pred > 0 else 0.0}
-        job.put(Done(text, list(s.out_tokens), reason, stop_type, word, n_prompt, s.n_cached, n_pred, truncated,
-                     s.id, timings))
+        job.put(Done(text, list(s.out_tokens), reason, stop_type, word, n_prompt, s.n_cached, n_pred,
+                     truncated or s.truncated, s.id, timings))
         self._release(s)
 
     def _release(self, s: _Slot, keep_cache: bool = True) -> None:

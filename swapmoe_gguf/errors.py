@@ -39,3 +39,7 @@ class LayoutError(SwapMoEError):
 
 class OutputExistsError(SwapMoEError):
     pass
+
+
+class ContextFull(SwapMoEError):
+    """llama_decode found no room in the KV cache for the batch (its return code 1)."""

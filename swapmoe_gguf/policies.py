@@ -208,7 +208,7 @@ CALIB_CHUNK = 256  # tokens per calibration window: fixed, so the result does no
 
 
 def calib_chunk(rt: "SwapMoELlama") -> int:
-    return max(1, min(CALIB_CHUNK, rt.n_ctx_seq()) - 1)
+    return max(1, min(CALIB_CHUNK, rt.n_ctx_seq(), len(rt.input_ids)) - 1)
 
 
 def calibrate(rt: "SwapMoELlama", tokens: list[int]) -> dict[int, list[int]]:

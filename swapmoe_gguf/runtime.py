@@ -30,7 +30,7 @@ from llama_cpp import Llama
 from llama_cpp import _internals as internals
 
 from .budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
-from .errors import LayoutError, SwapMoEError
+from .errors import ContextFull, LayoutError, SwapMoEError
 from .expert_store import ExpertReadError, StagedExpert
 from .gguf_info import read_gguf
 from .router import FullRouter, RouterBatch, RouterTap
@@ -314,6 +314,8 @@ class SwapMoELlama(Llama):
             run()
         else:
             rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+            if rc == 1:
+                raise ContextFull("no room in the KV cache for this batch")
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
         self._after_decode(batch.n_tokens, time.perf_counter() - t0)

@@ -148,8 +148,10 @@ def sampling_settings(ns: argparse.Namespace) -> SamplingSettings:
 _NO_EFFECT = {
     "--cont-batching": "continuous batching is always on", "-cb": "continuous batching is always on",
     "--no-webui": "there is no web UI",
-    "--no-context-shift": "context shift is off (the only mode)",
+    "--no-context-shift": "context shift is off unless --context-shift",
     "--no-warmup": "no warm-up run is made",
+    "--backend-sampling": "sampling runs on the CPU here, with the same probabilities",
+    "--backend_sampling": "sampling runs on the CPU here, with the same probabilities",
 }
 
 
@@ -181,6 +183,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="thinking in chat templates that support it (off: enable_thinking = false)")
     g.add_argument("--reasoning-format", choices=("none",), default="none",
                    help="only none: thinking text stays in the answer's content (no reasoning_content split)")
+    g.add_argument("--context-shift", action="store_true",
+                   help="when a slot's context is full, drop the older half of its tokens and go on")
+    g.add_argument("--slot-save-path", default=None, metavar="DIR",
+                   help="folder where /slots/{id}?action=save|restore keep slot KV caches (off by default)")
     g.add_argument("--no-ui", dest="ui", action="store_false", default=True,
                    help="no page at / (there is no web UI; / only names the APIs)")
     g.add_argument("--tags", default=None, help="comma-separated tags reported by /v1/models")
@@ -202,6 +208,8 @@ def server_settings(ns: argparse.Namespace) -> "ServerSettings":
     if not 0 < ns.port < 65536 or ns.parallel < 1 or ns.max_queue < 0:
         raise SwapMoEError(f"serve: need --port in 1..65535, --parallel >= 1 and --max-queue >= 0, got "
                            f"{ns.port}, {ns.parallel} and {ns.max_queue}")
+    if ns.slot_save_path and not os.path.isdir(ns.slot_save_path):
+        raise SwapMoEError(f"serve: --slot-save-path {ns.slot_save_path} is not a folder")
     for flag in sorted(set(ns.no_effect or ())):
         logging.getLogger(__name__).info("%s: accepted, no effect (%s)", flag, _NO_EFFECT[flag])
     split = lambda vals: tuple(x.strip() for v in vals or () for x in v.split(",") if x.strip())  # noqa: E731
@@ -210,4 +218,5 @@ def server_settings(ns: argparse.Namespace) -> "ServerSettings":
                           cors_origins=split(ns.cors), metrics=ns.metrics, slots=ns.slots, jinja=ns.jinja,
                           chat_template=ns.chat_template, chat_template_file=ns.chat_template_file,
                           n_predict=ns.n_predict, ui=ns.ui, verbose=ns.server_verbose,
-                          tags=split([ns.tags] if ns.tags else None), reasoning=ns.reasoning)
+                          tags=split([ns.tags] if ns.tags else None), reasoning=ns.reasoning,
+                          slot_save_path=ns.slot_save_path, context_shift=ns.context_shift)

@@ -83,13 +83,13 @@ def test_static_calibration_is_cached_per_model_text_and_slots(models, tmp_path,
     for _ in range(2):
         st = SwapMoELlama(path, policy="static", experts_per_layer=2, **KW)
         sets.append((st.static_rank, {l: list(v) for l, v in st.vmodel.slot_map.items()}))
-        info, ctx = st.vmodel.info, st.n_ctx()
+        info, chunk = st.vmodel.info, policies.calib_chunk(st)
         st.close()
     assert len(calls) == 1 and sets[0] == sets[1]  # the second build read the cache
     from importlib import resources
 
     cached = calib_cache.calib_path(info, (resources.files("swapmoe_gguf") / "data" / "calibration.txt")
-                                    .read_text(encoding="utf-8"), 2, ctx)
+                                    .read_text(encoding="utf-8"), 2, chunk)
     assert cached.is_file()
     cached.write_text("{not json")  # a damaged cache is ignored and rewritten
     st = SwapMoELlama(path, policy="static", experts_per_layer=2, **KW)

@@ -3,6 +3,7 @@ Experts runtime. One module per API family over one generation core (core.py, ..
 
     native.py     /completion, /tokenize, /detokenize, /apply-template, /health, /props, /slots, /metrics
     openai.py     /v1/chat/completions, /v1/completions, /v1/models
+    responses.py  /v1/responses (OpenAI's Responses API)
     anthropic.py  /v1/messages, /v1/messages/count_tokens
     ollama.py     /api/chat, /api/generate, /api/tags, /api/show, ...
     swapmoe.py    /swapmoe/budget

@@ -173,7 +173,7 @@ def router(core: Core) -> APIRouter:
         oai = to_openai(body)
         tools = ToolCalling.from_body(oai)
         try:
-            prompt = core.chat.render(tools.messages(oai["messages"]), tools=tools.for_template(),
+            prompt = core.chat.render(tools.messages(oai["messages"], native=core.chat.native_tools), tools=tools.for_template(),
                                       **(oai.get("chat_template_kwargs") or {}))
         except TemplateError as e:
             raise APIError(400, str(e)) from None

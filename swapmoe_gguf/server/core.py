@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import Request as HTTPRequest
 
-from ..engine import Done, Engine, EngineError, QueueFull, Request, SamplingParams, Token
+from ..engine import Done, Engine, EngineError, Progress, QueueFull, Request, SamplingParams, Token
 from ..settings import SamplingSettings
 from ..chat_template import ChatFormatter
 
@@ -45,6 +45,8 @@ class ServerSettings:
     verbose: bool = False               # responses carry llama-server's "__verbose" object
     tags: tuple[str, ...] = ()
     reasoning: str = "auto"             # on | off | auto: the templates' enable_thinking
+    context_shift: bool = False         # --context-shift: a full slot drops older tokens and goes on
+    slot_save_path: str | None = None   # /slots/{id}?action=save|restore writes and reads only here
 
 
 class APIError(Exception):
@@ -72,8 +74,12 @@ class Core:
     def __init__(self, llm: Any, settings: ServerSettings, sampling: SamplingSettings | None = None):
         self.llm, self.s = llm, settings
         self.sampling = sampling or SamplingSettings()
-        self.alias = settings.alias or llm.vmodel.info.path.stem
-        self.engine = Engine(llm, settings.parallel, max_queue=settings.max_queue)
+        # `--alias a,b,c`: every name is accepted; the id is the first in sorted order (llama-server's set)
+        self.aliases = sorted({a.strip() for a in (settings.alias or "").split(",") if a.strip()}) or [
+            llm.vmodel.info.path.stem]
+        self.alias = self.aliases[0]
+        self.engine = Engine(llm, settings.parallel, max_queue=settings.max_queue,
+                             context_shift=settings.context_shift)
         self.chat = ChatFormatter.for_model(llm, settings)
         self.started = time.time()
         self.counters = {"prompt_tokens": 0, "prompt_seconds": 0.0, "predicted_tokens": 0,
@@ -137,6 +143,7 @@ class Core:
         if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
             raise APIError(400, "\"stop\" must be a string or an array of strings")
         return Request(tokens, n_predict=n_predict, sampling=sp, stop=list(stop),
+                       return_progress=bool(body.get("return_progress")),
                        ignore_eos=bool(body.get("ignore_eos", d.ignore_eos)),
                        cache_prompt=bool(body.get("cache_prompt", True)), id_slot=g("id_slot", -1, int))
 
@@ -185,7 +192,7 @@ class Core:
         async for ev in self.stream(req, http):
             if isinstance(ev, Done):
                 done = ev
-            else:
+            elif isinstance(ev, Token):
                 tokens.append(ev)
         assert done is not None
         return done, tokens
@@ -194,7 +201,7 @@ class Core:
         """Submit now: a refusal (queue full, prompt too long) is raised before any response is sent."""
         return self._submit(req)
 
-    async def stream(self, req: Request | Any, http: HTTPRequest | None = None) -> AsyncIterator[Token | Done]:
+    async def stream(self, req: Request | Any, http: HTTPRequest | None = None) -> AsyncIterator[Token | Progress | Done]:
         """Events of one request (or of a job from `start`); a client that goes away cancels it (its
         slot frees at the next step)."""
         loop = asyncio.get_running_loop()

@@ -2,16 +2,18 @@
 /props, /slots, /metrics, and 501 for what this server does not offer (embeddings, reranking, infill)."""
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from ..engine import Done, Token
+from ..engine import Done, EngineError, Progress, Token
 from .core import APIError, Core
 from .http import parse_json, sse
-from .openai import structured
+from .openai import progress, structured
 from ..chat_template import TemplateError
 
 
@@ -114,7 +116,9 @@ def router(core: Core) -> APIRouter:
     async def apply_template(request: Request) -> dict[str, Any]:
         body = await parse_json(request)
         try:
-            return {"prompt": core.chat.render(body.get("messages") or [], tools=body.get("tools"))}
+            return {"prompt": core.chat.render(body.get("messages") or [], tools=body.get("tools"),
+                                               add_generation_prompt=body.get("add_generation_prompt", True) is not False,
+                                               **(body.get("chat_template_kwargs") or {}))}
         except TemplateError as e:
             raise APIError(400, str(e)) from None
 
@@ -152,6 +156,41 @@ def router(core: Core) -> APIRouter:
                                                          "n_decoded": 0}]}
                 for s in core.engine.slots]
 
+    @r.post("/slots/{id_slot}")
+    async def slot_action(id_slot: int, request: Request, action: str = "") -> dict[str, Any]:
+        """save / restore a slot's KV cache to a file in --slot-save-path, or erase it."""
+        body = await parse_json(request)
+        run = lambda fn, *a: asyncio.get_running_loop().run_in_executor(None, fn, *a)  # noqa: E731
+        try:
+            if action == "erase":
+                return {"id_slot": id_slot, "n_erased": await run(core.engine.erase_slot, id_slot)}
+            if action not in ("save", "restore"):
+                raise APIError(400, f"action must be save, restore or erase, got {action!r}")
+            if not core.s.slot_save_path:
+                raise APIError(501, "This server does not support slot save and restore. Start it with "
+                               "`--slot-save-path`", "not_supported_error")
+            name = body.get("filename")
+            if not isinstance(name, str) or not _safe_filename(name):
+                raise APIError(400, "\"filename\" must be a plain file name (no directories)")
+            path = str(Path(core.s.slot_save_path) / name)
+            t0 = time.perf_counter()
+            if action == "save":
+                n, size = await run(core.engine.save_slot, id_slot, path)
+                return {"id_slot": id_slot, "filename": name, "n_saved": n, "n_written": size,
+                        "timings": {"save_ms": 1e3 * (time.perf_counter() - t0)}}
+            if not Path(path).is_file():
+                raise APIError(400, f"no saved slot named {name!r}")
+            n, size = await run(core.engine.restore_slot, id_slot, path)
+            return {"id_slot": id_slot, "filename": name, "n_restored": n, "n_read": size,
+                    "timings": {"restore_ms": 1e3 * (time.perf_counter() - t0)}}
+        except EngineError as e:
+            raise APIError(e.status, str(e), e.kind) from None
+
+    @r.get("/cors-proxy")
+    @r.post("/cors-proxy")
+    async def cors_proxy() -> None:  # llama-server without --ui-mcp-proxy
+        raise APIError(403, "the CORS proxy is not enabled on this server", "permission_error")
+
     for path in ("/embedding", "/embeddings", "/v1/embeddings", "/rerank", "/reranking", "/v1/rerank",
                  "/v1/reranking", "/infill", "/lora-adapters"):
         r.add_api_route(path, _not_supported(path), methods=["POST"])
@@ -169,6 +208,12 @@ def router(core: Core) -> APIRouter:
     return r
 
 
+def _safe_filename(name: str) -> bool:
+    """llama-server's rule: a plain name, no separators, no '..', printable, not too long."""
+    return (0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\:")
+            and name.isprintable() and not name.startswith("."))
+
+
 def _not_supported(path: str) -> Any:
     async def handler() -> None:
         raise APIError(501, f"{path} is not supported: this server generates text (no embeddings, reranking, "
@@ -180,6 +225,12 @@ async def _stream(core: Core, job: Any, req: Any, request: Request, body: dict[s
                   final: Any) -> AsyncIterator[Any]:
     toks: list[Token] = []
     async for ev in core.stream(job, request):
+        if isinstance(ev, Progress):
+            yield {"index": 0, "content": "", "tokens": [], "stop": False, "id_slot": -1,
+                   "prompt_progress": progress(ev),
+                   "timings": {"prompt_n": ev.processed - ev.cache, "prompt_ms": ev.time_ms,
+                               "predicted_n": 0, "predicted_ms": 0.0}}
+            continue
         if isinstance(ev, Token):
             chunk: dict[str, Any] = {"index": 0, "content": ev.text, "tokens": [ev.id] if ev.id >= 0 else [],
                                      "stop": False, "id_slot": -1}

@@ -243,7 +243,7 @@ def router(core: Core) -> APIRouter:
                     "done": True, "done_reason": _loaded(body)}
         tools = ToolCalling.from_body({"tools": body.get("tools") or [],
                                        "tool_choice": body.get("tool_choice", "auto")})  # (an extension)
-        prompt = core.chat.render(tools.messages(msgs), tools=tools.for_template())
+        prompt = core.chat.render(tools.messages(msgs, native=core.chat.native_tools), tools=tools.for_template())
         req = request(core.prompt_tokens(prompt), body, tools.grammar() or _format(body.get("format")))
         return await run(req, http, {"model": model}, "message", tools, t0, body)
 

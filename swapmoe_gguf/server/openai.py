@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from ..engine import Done, Token
+from ..engine import Done, Progress, Token
 from .core import BUILD, APIError, Core
 from .http import parse_json, sse
 from ..chat_template import TemplateError, text_of
@@ -55,6 +55,10 @@ def usage(d: Done) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": d.n_cached}}
 
 
+def progress(p: Progress) -> dict[str, Any]:
+    return {"total": p.total, "cache": p.cache, "processed": p.processed, "time_ms": p.time_ms}
+
+
 def finish(d: Done, tool_calls: bool = False) -> str:
     if d.stop_type in ("eos", "word"):
         return "tool_calls" if tool_calls else "stop"
@@ -73,7 +77,7 @@ def router(core: Core) -> APIRouter:
         meta = {"n_ctx_train": core.llm._model.n_ctx_train(), "n_vocab": core.llm.n_vocab(),
                 "n_embd": core.llm.n_embd(), "size": core.llm.vmodel.info.path.stat().st_size}
         m = {"id": core.alias, "object": "model", "created": int(core.started), "owned_by": "llamacpp", "meta": meta,
-             "aliases": [core.alias], "tags": list(core.s.tags)}
+             "aliases": list(core.aliases), "tags": list(core.s.tags)}
         return {"object": "list", "data": [m],
                 "models": [{"name": core.alias, "model": core.alias, "type": "model", "capabilities": ["completion"]}]}
 
@@ -154,7 +158,7 @@ def _choice(core: Core, d: Done, toks: list[Token], req: Any, tools: ToolCalling
 def render_chat(core: Core, body: dict[str, Any], tools: ToolCalling) -> str:
     """The prompt of a chat request. A final assistant message is continued (prefill), as llama-server
     and vLLM's `continue_final_message` do; with `add_generation_prompt` that is an error."""
-    messages = tools.messages(body["messages"])
+    messages = tools.messages(body["messages"], native=core.chat.native_tools)
     kwargs = dict(body.get("chat_template_kwargs") or {})
     add_gen = body.get("add_generation_prompt", kwargs.pop("add_generation_prompt", None))
     cont = body.get("continue_final_message", kwargs.pop("continue_final_message", None))
@@ -184,6 +188,9 @@ def render_chat(core: Core, body: dict[str, Any], tools: ToolCalling) -> str:
 async def _completion_chunks(core: Core, job: Any, request: Request, cid: str, envelope: Any,
                              body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     async for ev in core.stream(job, request):
+        if isinstance(ev, Progress):
+            yield {**envelope("text_completion", cid), "choices": [], "prompt_progress": progress(ev)}
+            continue
         if isinstance(ev, Token):
             if not ev.text and ev.top is None:
                 continue
@@ -210,6 +217,9 @@ async def _chat_chunks(core: Core, job: Any, request: Request, cid: str, envelop
     yield chunk({"role": "assistant", "content": None})
     held: list[str] = []
     async for ev in core.stream(job, request):
+        if isinstance(ev, Progress):
+            yield {**envelope("chat.completion.chunk", cid), "choices": [], "prompt_progress": progress(ev)}
+            continue
         if isinstance(ev, Token):
             if tools.active:  # a tool call is parsed from the whole answer, as llama-server does
                 held.append(ev.text)

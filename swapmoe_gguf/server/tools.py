@@ -1,10 +1,10 @@
 """Tool calls for any model: llama.cpp's "generic" format.
 
-The template gets a system note describing the tools, and a grammar (from a JSON schema) makes the
-answer either `{"tool_call": {"name": ..., "arguments": {...}}}` or `{"response": "..."}`
-(`tool_choice: "required"`: only the first). The answer is parsed back into OpenAI's `tool_calls`.
-This is what llama-server does for models whose template has no tool-call syntax of its own; it
-works with every model, at the price of JSON output.
+The template gets a system note describing the tools and the JSON answer format,
+`{"tool_call": {"name": ..., "arguments": {...}}}` or `{"response": "..."}`; an answer in that format
+is parsed back into OpenAI's `tool_calls`. With `tool_choice: "required"` (or a named function) a
+grammar from the JSON schema forces a call. With "auto" the model is not constrained: it may answer
+in plain text, as with llama-server's native tool formats, whose grammars only start on a trigger.
 """
 from __future__ import annotations
 
@@ -59,9 +59,11 @@ class ToolCalling:
         return {"anyOf": [calls, {"type": "object", "properties": {"response": {"type": "string"}},
                                   "required": ["response"]}]}
 
-    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The conversation with the tool note in the system message, and earlier tool calls and
-        results written as the generic format's JSON (templates without tool syntax read text)."""
+    def messages(self, messages: list[dict[str, Any]], native: bool = False) -> list[dict[str, Any]]:
+        """The conversation with the tool note in the system message. Earlier tool calls and results
+        go to the template as they are when it has tool syntax of its own (`native`: it reads
+        `tool_calls`, arguments as objects), else written as the generic format's JSON text. Other
+        fields (reasoning_content, name, ...) are kept."""
         out = []
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -69,9 +71,13 @@ class ToolCalling:
             if m.get("tool_calls"):
                 calls = [{"name": c["function"]["name"], "arguments": _args(c["function"].get("arguments"))}
                          for c in m["tool_calls"]]
-                text = json.dumps({"tool_calls": calls} if len(calls) > 1 else {"tool_call": calls[0]})
-                m = {"role": "assistant", "content": text}
-            elif m.get("role") == "tool":
+                if native:
+                    m = {**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": a["arguments"]}}
+                                             for c, a in zip(m["tool_calls"], calls)]}
+                else:
+                    text = json.dumps({"tool_calls": calls} if len(calls) > 1 else {"tool_call": calls[0]})
+                    m = {k: v for k, v in m.items() if k != "tool_calls"} | {"role": "assistant", "content": text}
+            elif m.get("role") == "tool" and not native:
                 m = {"role": "tool", "content": json.dumps({"tool_response": {
                     "tool": m.get("name", ""), "tool_call_id": m.get("tool_call_id", ""), "content": m.get("content")}})}
             out.append(m)
@@ -85,7 +91,7 @@ class ToolCalling:
         return [{"role": "system", "content": note}] + out
 
     def grammar(self) -> str | None:
-        if not self.tools:
+        if not self.tools or self.choice != "required":
             return None
         from .openai import schema_grammar
 
@@ -98,7 +104,7 @@ class ToolCalling:
         try:
             obj = json.loads(text)
         except ValueError:
-            return text, []  # cut short (length): hand back the text as is
+            return text, []  # plain text (auto), or cut short: hand back the text as is
         if not isinstance(obj, dict):
             return text, []
         raw = obj.get("tool_calls") or ([obj["tool_call"]] if "tool_call" in obj else [])
