@@ -139,3 +139,24 @@ def test_queue_limit_and_cancel(llm, engine):
         time.sleep(0.01)
     assert engine.n_busy == 0
     assert run(engine, Request(tok(llm, PROMPTS[3]), n_predict=4, sampling=GREEDY))[1].n_predicted == 4
+
+
+def test_exact_policy_with_parallel_slots_is_lossless(tiny_gguf):
+    """`exact` under -np 2: each slot's tokens get the full model's experts even when the two
+    sequences want different ones in the same batch (the union is scored, misses loaded)."""
+    prompts = ["The quick brown fox", "Numbers like 12345"]
+    full = SwapMoELlama(tiny_gguf, policy="full", n_ctx=512, verbose=False)
+    try:
+        ref = [full.create_completion(p, max_tokens=12, temperature=0)["choices"][0]["text"] for p in prompts]
+    finally:
+        full.close()
+    ex = SwapMoELlama(tiny_gguf, policy="exact", experts_per_layer=4, n_ctx=512, n_seq_max=2, verbose=False)
+    e = Engine(ex, 2)
+    try:
+        jobs = [e.submit(Request(tok(ex, p), n_predict=12, sampling=GREEDY)) for p in prompts]
+        got = [list(j.events())[-1] for j in jobs]
+        assert [d.text.replace("\ufffd", "") for d in got] == [r.replace("\ufffd", "") for r in ref]
+        assert ex.telemetry().swaps > 0  # the two sequences' experts did not all fit at once
+    finally:
+        e.close()
+        ex.close()

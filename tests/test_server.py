@@ -105,6 +105,47 @@ def test_openai_client_chat_and_completions(server):
     assert native["content"] == t.choices[0].text and native["stop"] is True
 
 
+@pytest.fixture(scope="module")
+def roomy(model):
+    """A context that holds the tool note (the tiny model's byte-level tokens make it ~1000 long)."""
+    s = Running(model, "--experts-per-layer", "3", "-c", "4096", "-np", "2", "-a", "tiny")
+    yield s
+    s.stop()
+
+
+def test_openai_client_structured_output_tools_logprobs(roomy):
+    """The official openai client: a JSON-schema answer, a forced tool call sent back with its result,
+    logprobs, n choices; a stream asking for n > 1 is refused."""
+    c = _client(roomy)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=40,
+                                  temperature=0, response_format={"type": "json_schema", "json_schema": {
+                                      "name": "answer", "schema": schema}})
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    tools = [{"type": "function", "function": {"name": "weather", "description": "weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}}}]
+    msgs = [{"role": "user", "content": "weather in Rome?"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, tools=tools, tool_choice="required", max_tokens=300,
+                                  temperature=0)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    msgs += [r.choices[0].message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    r2 = c.chat.completions.create(model="tiny", messages=msgs, tools=tools, max_tokens=8, temperature=0)
+    assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                  temperature=0, logprobs=True, top_logprobs=3, n=2)
+    assert len(r.choices) == 2 and r.choices[0].message.content == r.choices[1].message.content
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in lp)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in lp)  # greedy: the top token
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=2, stream=True)
+
+
 def test_native_endpoints(server):
     u = server.url
     toks = http("POST", u + "/tokenize", json={"content": "the river"}).json()["tokens"]

@@ -48,6 +48,11 @@ def check_n(body: dict[str, Any]) -> None:
     for k, msg in _UNSUPPORTED.items():
         if body.get(k) not in (None, 1):
             raise APIError(400, msg)
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16):
+        raise APIError(400, f"\"n\" must be an integer from 1 to 16, got {n!r}")
+    if n not in (None, 1) and body.get("stream"):
+        raise APIError(400, "streaming gives one choice (n = 1)")
 
 
 def usage(d: Done) -> dict[str, Any]:
@@ -96,11 +101,13 @@ def router(core: Core) -> APIRouter:
         cid = f"cmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
             return sse(_completion_chunks(core, core.start(req), request, cid, envelope, body))
-        d, toks = await core.complete(req, request)
-        lp = {"content": core.token_probs(toks)} if req.sampling.n_probs else None
-        return {**envelope("text_completion", cid),
-                "choices": [{"text": d.text, "index": 0, "logprobs": lp, "finish_reason": finish(d)}],
-                "usage": usage(d), "timings": d.timings}
+        n = int(body.get("n") or 1)
+        results = [await core.complete(req, request) for _ in range(n)]  # n choices: one after the other
+        choices = [{"text": d.text, "index": i, "finish_reason": finish(d),
+                    "logprobs": {"content": core.token_probs(toks)} if req.sampling.n_probs else None}
+                   for i, (d, toks) in enumerate(results)]
+        d = results[0][0]
+        return {**envelope("text_completion", cid), "choices": choices, "usage": usage(d), "timings": d.timings}
 
     @r.post("/v1/chat/completions")
     @r.post("/chat/completions")
