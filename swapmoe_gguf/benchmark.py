@@ -46,6 +46,11 @@ class SpeedCell:
     label: str = ""          # a type cell: its quant type
     drop_cache: bool = True  # drop the file's pages before the measured request (misses go to disk)
     max_dropped_mass: float = 1.0  # swapmoe's quality floor (1: none)
+    budget: str = ""         # an absolute budget ("8GiB") instead of budget_pct
+
+    @property
+    def memory_budget(self) -> str:
+        return self.budget or f"{self.budget_pct:g}%"
 
 
 @dataclass
@@ -139,12 +144,12 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
             from .planner import make_plan
             from .profile import load_or_measure
 
-            budget = parse_budget(f"{cell.budget_pct:g}%")
+            budget = parse_budget(cell.memory_budget)
             prof = load_or_measure(info, threads=cell.threads)
             # the S the runtime picks for this budget (as for static and exact), then F and Q for it
             slots = plan_slots(estimate(info, n_ctx=cell.n_ctx, n_batch=kw["n_batch"]), budget, None).slots
             plan = make_plan(info, prof, budget, n_ctx=cell.n_ctx, threads=cell.threads, experts_per_layer=slots)
-        llm = SwapMoELlama(cell.model, policy=cell.policy, memory_budget=f"{cell.budget_pct:g}%", plan=plan,
+        llm = SwapMoELlama(cell.model, policy=cell.policy, memory_budget=cell.memory_budget, plan=plan,
                            max_dropped_mass=cell.max_dropped_mass, **kw)
     ours = isinstance(llm, SwapMoELlama)
     try:

@@ -125,6 +125,17 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from .benchmark import BenchOptions, run_bench
 
+    if a.scale:
+        import os
+        from pathlib import Path
+
+        from .bench_scale import run_scale
+
+        paths = run_scale(Path(a.output or "swapmoe-bench"), budget=a.scale_budget, n_predict=a.n_predict or 16,
+                          threads=a.threads or max(1, (os.cpu_count() or 2) // 2), rounds=a.rounds or 1)
+        print(paths["table"].read_text())
+        return 0
+
     try:
         budgets = tuple(float(x.strip().rstrip("%")) for x in a.budgets.split(",")) if a.budgets else None
     except ValueError:
@@ -234,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "plain swapmoe at each budget (default 0.3; '' for none)")
     b.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json, bench.png")
     b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
+    b.add_argument("--scale", action="store_true",
+                   help="bigger than RAM: a 48-layer, ~29 GiB synthetic MoE (written once into the cache, free disk "
+                        "checked first): stock llama-cpp-python (mmap) vs exact, swapmoe, static at --scale-budget")
+    b.add_argument("--scale-budget", default="8GiB", help="the memory budget of the --scale run (default 8GiB)")
     b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="the embedded default model (converted once): swapmoe vs static (pruned) "

@@ -202,6 +202,37 @@ def stories_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_stories_moe(STORIES_DENSE, tmp_path_factory.mktemp("stories") / "stories260K-moe-copy4x2.gguf")
 
 
+class Serving:
+    """`swapmoe serve` in a subprocess on a free loopback port, ready when /health answers."""
+
+    def __init__(self, model: str, *args: str, ctx: int = 512):
+        import socket
+        import time
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "swapmoe_gguf", "serve", "-m", model, "--port",
+                                      str(self.port), "-c", str(ctx), "-t", "1", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http("GET", self.url + "/health", timeout=1).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read())
+        self.stop()
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 class HTTPResult:
     """A finished HTTP exchange (stdlib only), with the handful of accessors the tests need."""
 

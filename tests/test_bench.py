@@ -78,3 +78,33 @@ def test_bench_bad_input_is_one_line(tmp_path, args, message):
 def test_helpers():
     assert [slots_for(p, 16, 2) for p in (100, 75, 50, 35, 5)] == [16, 12, 8, 6, 2]
     assert _percentile([1.0, 2.0, 3.0, 4.0, 100.0], 50) == 3.0 and _percentile([5.0], 99) == 5.0
+
+
+def test_scale_checks_free_disk_before_writing(tmp_path, monkeypatch):
+    """`bench --scale` says how much disk it needs, in one line, before writing anything."""
+    import collections
+
+    from swapmoe_gguf import bench_scale
+    from swapmoe_gguf.errors import SwapMoEError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(bench_scale.shutil, "disk_usage", lambda p: Usage(1 << 40, 0, 5 << 30))
+    with pytest.raises(SwapMoEError, match=r"writes a 2\d\.\d GiB model .* has 5\.0 GiB free"):
+        bench_scale.scale_model()
+    assert not any(tmp_path.rglob("*.gguf"))
+
+
+def test_scale_table_and_targets():
+    from swapmoe_gguf.bench_scale import render, targets
+
+    row = lambda p, tok, s=None: {"policy": p, "budget": "8GiB", "decode_tok_s": tok, "prefill_tok_s": 1.0,  # noqa: E731
+                                  "p50_ms": 1.0, "peak_rss": 1 << 30, "disk_bytes_per_token": 1 << 20,
+                                  "experts_per_layer": s, "n_expert": 128, "errors": []}
+    rows = [row("plain", 0.5), row("exact", 2.0, 33), row("swapmoe", 13.0, 33), row("static", 13.5, 33)]
+    t = {x["what"]: x for x in targets(rows)}
+    assert t["swapmoe decode >= 0.95x static"]["ratio"] == 0.96 and t["swapmoe decode >= 0.95x static"]["met"]
+    assert t["swapmoe decode >= 25x stock"]["ratio"] == 26.0 and t["exact decode >= 8x stock"]["met"] is False
+    md = render({"date": "d", "model": "m", "machine": "x", "threads": 2, "n_predict": 16, "rounds": 1,
+                 "seconds": 1.0}, rows)
+    assert "| swapmoe | 8GiB | 33 of 128 | 13.0 | 26.0x |" in md and "exact decode >= 8x stock: 4.0x (missed)" in md

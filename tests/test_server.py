@@ -4,7 +4,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,11 @@ import time
 import openai
 import pytest
 
-from conftest import http
+from conftest import Serving, http
 
 from conftest import run_cli
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,33 +23,11 @@ def model(tiny_gguf) -> str:
     return tiny_gguf
 
 
-class Running:
-    def __init__(self, model: str, *args: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "swapmoe_gguf", "serve", "-m", model, "--port",
-                                      str(self.port), "-c", "512", "-t", "1", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if http("GET", self.url + "/health", timeout=1).status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read())
-        raise RuntimeError("server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
 
 @pytest.fixture(scope="module")
 def server(model):
     # static residency: answers are a function of the request alone, so they can be compared
-    s = Running(model, "--memory-budget", "95%", "--experts-per-layer", "3", "--policy", "static", "-np", "4",
+    s = Serving(model, "--memory-budget", "95%", "--experts-per-layer", "3", "--policy", "static", "-np", "4",
                 "--max-queue", "4", "--metrics", "-a", "tiny", "-c", "1024")  # 256 tokens per slot
     yield s
     s.stop()
@@ -62,7 +35,7 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def keyed(model):
-    s = Running(model, "--api-key", "s3cret", "--experts-per-layer", "3", "--max-body", "4096", "--metrics")
+    s = Serving(model, "--api-key", "s3cret", "--experts-per-layer", "3", "--max-body", "4096", "--metrics")
     yield s
     s.stop()
 
@@ -71,7 +44,7 @@ def _ascii(text: str) -> str:
     return "".join(ch for ch in text if ord(ch) < 128)
 
 
-def _client(s: Running, key: str = "none") -> openai.OpenAI:
+def _client(s: Serving, key: str = "none") -> openai.OpenAI:
     return openai.OpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
@@ -108,7 +81,7 @@ def test_openai_client_chat_and_completions(server):
 @pytest.fixture(scope="module")
 def roomy(model):
     """A context that holds the tool note (the tiny model's byte-level tokens make it ~1000 long)."""
-    s = Running(model, "--experts-per-layer", "3", "-c", "4096", "-np", "2", "-a", "tiny")
+    s = Serving(model, "--experts-per-layer", "3", "-c", "4096", "-np", "2", "-a", "tiny")
     yield s
     s.stop()
 
@@ -305,7 +278,7 @@ def test_faults_while_serving(tiny_gguf, tmp_path):
 
     victim = tmp_path / "victim.gguf"
     shutil.copy(tiny_gguf, victim)
-    s = Running(str(victim), "--memory-budget", "95%", "--experts-per-layer", "3", "-np", "4", "--metrics")
+    s = Serving(str(victim), "--memory-budget", "95%", "--experts-per-layer", "3", "-np", "4", "--metrics")
     try:
         def metrics() -> dict[str, float]:
             return {l.split()[0]: float(l.split()[1]) for l in http("GET", s.url + "/metrics").text.splitlines()

@@ -4,15 +4,11 @@ llama-server's (tools/server/tests/unit/test_compat_anthropic.py)."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import anthropic
 import pytest
 
-from conftest import http
+from conftest import Serving, http
 
 GREEDY = {"temperature": 0}  # the client has no sampling arguments any more; llama-server reads them
 WEATHER = {"name": "get_weather", "description": "Get the current weather in a city",
@@ -20,39 +16,12 @@ WEATHER = {"name": "get_weather", "description": "Get the current weather in a c
                             "required": ["city"]}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-class Running:
-    def __init__(self, model: str, *args: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "swapmoe_gguf", "serve", "-m", model, "--port",
-                                      str(self.port), "-c", "1024", "-t", "1", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if http("GET", self.url + "/health", timeout=1).status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read())
-        self.stop()
-        raise RuntimeError("server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def server(stories_moe):
-    s = Running(str(stories_moe), "--experts-per-layer", "2", "-a", "stories-moe")
+    s = Serving(str(stories_moe), "--experts-per-layer", "2", "-a", "stories-moe", ctx=1024)
     yield s
     s.stop()
 
@@ -159,6 +128,18 @@ def test_tool_use_round_trip(client, server):
                               {"type": "tool_result", "tool_use_id": calls[0].id, "is_error": True,
                                "content": "City not found"}]
     assert client.messages.create(model="any", max_tokens=8, extra_body=GREEDY, messages=history).type == "message"
+
+
+def test_structured_output(client):
+    """Anthropic's structured outputs (output_config.format: a JSON schema) constrain the answer."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    r = client.messages.create(model="any", max_tokens=64, messages=[{"role": "user", "content": "Weather?"}],
+                               extra_body={**GREEDY, "output_config": {"format": {"type": "json_schema",
+                                                                                   "schema": schema}}})
+    out = json.loads(r.content[0].text)
+    assert out["city"] in ("Paris", "Rome") and isinstance(out["sunny"], bool)
+    assert r.stop_reason == "end_turn"
 
 
 def test_bad_requests(client, server):

@@ -3,15 +3,11 @@ client cannot say it), against a real server on a loopback port serving the stor
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import ollama
 import pytest
 
-from conftest import http
+from conftest import Serving, http
 
 GREEDY = {"temperature": 0, "num_predict": 12}
 WEATHER = {"type": "function", "function": {
@@ -20,35 +16,10 @@ WEATHER = {"type": "function", "function": {
                    "required": ["unit"]}}}
 
 
-class Running:
-    def __init__(self, model: str, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "swapmoe_gguf", "serve", "-m", model, "--port",
-                                      str(self.port), "-t", "1", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if http("GET", self.url + "/health", timeout=1).status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read())
-        self.stop()
-        raise RuntimeError("server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
 
 @pytest.fixture(scope="module")
 def server(stories_moe):
-    s = Running(str(stories_moe), "--experts-per-layer", "2", "-c", "4096", "-np", "2", "-a", "stories")
+    s = Serving(str(stories_moe), "--experts-per-layer", "2", "-c", "4096", "-np", "2", "-a", "stories")
     yield s
     s.stop()
 
