@@ -62,10 +62,21 @@ def _cmd_plan(a: argparse.Namespace) -> int:
 
         raise LayoutError(f"{a.model}: cannot run this GGUF ({info.run_problem()})")
     budget = parse_budget(a.memory_budget) if a.memory_budget else None
+    if a.floor:
+        from .floor_tuning import parse_target
+
+        parse_target(a.floor)  # a bad target is refused before anything is measured
     threads = a.threads or max(1, (os.cpu_count() or 2) // 2)
     prof = load_or_measure(info, threads=threads, n_gpu_layers=a.n_gpu_layers, refresh=a.reprofile)
     plan = make_plan(info, prof, budget, n_ctx=a.ctx_size, threads=threads, experts_per_layer=a.experts_per_layer,
                      baseline=baseline)
+    if a.floor and plan.policy == "swapmoe":
+        from . import floor_tuning
+
+        target = floor_tuning.parse_target(a.floor)
+        points = floor_tuning.measure(a.model, plan.experts_per_layer, threads=threads,
+                                      n_ctx=min(a.ctx_size, 512))
+        plan = floor_tuning.apply(plan, *floor_tuning.pick(points, target), points)
     print(render(plan))
     if a.output:
         from pathlib import Path
@@ -198,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU")
     pl.add_argument("-o", "--output", default=None, help="write the plan as JSON")
     pl.add_argument("--reprofile", action="store_true", help="measure again instead of using the cached profile")
+    pl.add_argument("--floor", default=None, metavar="TARGET",
+                    help="pick swapmoe's quality floor τ by measuring each τ here: speed:0.7 (the best quality "
+                         "at >= 0.7x plain swapmoe's speed) or dropped:0.05 (the fastest τ routing at most 5 %% of "
+                         "the full model's expert weight elsewhere)")
     pl.set_defaults(func=_cmd_plan)
 
     ch = sub.add_parser("chat", help="chat with a model under a memory budget (or one answer with -p)")

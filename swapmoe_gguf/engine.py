@@ -220,6 +220,8 @@ class Engine:
         """Run fn on the engine thread between two steps (model changes, budget changes)."""
         box: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         with self._cv:
+            if self._closed:
+                raise EngineError("the engine is shut down", "unavailable_error", 503)
             self._calls.append((fn, box))
             self._cv.notify()
         ok, val = box.get()
@@ -231,11 +233,16 @@ class Engine:
     def save_slot(self, slot: int, path: str) -> tuple[int, int]:
         """The slot's KV cache and tokens to a file: (tokens, bytes written)."""
         def run() -> tuple[int, int]:
+            from pathlib import Path
+
+            from .atomic import atomic_output
+
             s = self._idle(slot)
             toks = (llama_cpp.llama_token * max(len(s.cache), 1))(*s.cache)
-            n = llama_cpp.llama_state_seq_save_file(self.ctx, path.encode(), s.id, toks, len(s.cache))
-            if n == 0:
-                raise EngineError(f"could not save slot {slot}", "server_error", 500)
+            with atomic_output(Path(path), force=True) as tmp:  # a failed save leaves the old file
+                n = llama_cpp.llama_state_seq_save_file(self.ctx, str(tmp).encode(), s.id, toks, len(s.cache))
+                if n == 0:
+                    raise EngineError(f"could not save slot {slot}", "server_error", 500)
             return len(s.cache), int(n)
         return self.call(run)
 
@@ -296,9 +303,11 @@ class Engine:
                 while not (self._closed or self._calls or self.waiting or any(s.busy for s in self.slots)):
                     self._cv.wait()
                 if self._closed:
-                    for s in self.slots:
-                        if s.job:
-                            s.job.put(EngineError("server shutting down", "unavailable_error", 503))
+                    down = EngineError("server shutting down", "unavailable_error", 503)
+                    for job in [s.job for s in self.slots if s.job] + self.waiting:
+                        job.put(down)
+                    for _, box in self._calls:
+                        box.put((False, down))
                     return
                 calls, self._calls = self._calls, []
             for fn, box in calls:
@@ -467,6 +476,8 @@ class Engine:
 
     def _sample(self, s: _Slot, row: int) -> None:
         req = s.job.req
+        if req.n_predict == 0:  # the prompt only (it is cached for the next request)
+            return self._finish(s, "length", "limit", "")
         tok = llama_cpp.llama_sampler_sample(s.chain, self.ctx, row)
         lp = top = None
         if req.sampling.n_probs > 0:

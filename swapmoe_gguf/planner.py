@@ -67,6 +67,7 @@ class Plan:
 
     observe_every: int = 1
     commit_rate: float = 1.0   # commits per decode step on average (paces a prefill's burst of swaps)
+    max_dropped_mass: float = 1.0  # swapmoe's quality floor τ (floor_tuning.py picks it from a target)
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -182,6 +183,7 @@ def render(plan: Plan) -> str:
         ("update interval (F)", f"{plan.interval} tokens"), ("swap quota (Q)", f"{plan.quota} per layer per update"),
         ("memory", f"{fmt(plan.memory['total'])}" + (f" of {fmt(plan.budget_bytes)} budget" if plan.budget_bytes else "")),
         ("expected decode", f"{plan.expected_tok_s:.1f} tok/s"),
+        ("quality floor (τ)", "none (1)" if plan.max_dropped_mass >= 1 else f"{plan.max_dropped_mass:g}"),
         ("swaps per token (max)", f"{plan.swaps_per_token:g}"),
         ("I/O share of a token", f"{plan.io_share:.1%} read thread, {plan.commit_share:.1%} commit"),
     ]

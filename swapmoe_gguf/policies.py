@@ -112,6 +112,9 @@ class ExactPolicy:
         self._before: dict[int, list[int]] = {}  # slot map of a layer before this step's loads
         self.overflows = 0  # batches whose experts did not fit in S slots (not exact then)
         self.checked = self.acted = 0  # (micro-batch, layer) pairs seen / made exact
+        # the full model's expert weight still routed elsewhere after the floor, summed over
+        # (token, layer): 0 where the floor acted, the dropped share where it let the residents route
+        self.dropped_sum, self.dropped_n = 0.0, 0
 
     @property
     def in_graph(self) -> "ExactPolicy":
@@ -149,7 +152,9 @@ class ExactPolicy:
         shares = hit_shares(routed, mask)                                              # [n_tok]
         rt.telemetry_.add_hits(shares)
         self.checked += 1
+        self.dropped_n += shares.size
         if self.tau > 0 and (not shares.size or 1.0 - float(shares.min()) <= self.tau):
+            self.dropped_sum += float((1.0 - shares).sum())
             return  # within the floor: the layer routes among the residents (masked gating)
         self.acted += 1
         self._before[layer] = list(vm.slot_map[layer])

@@ -142,7 +142,7 @@ class SwapMoELlama(Llama):
                  scheduler: SchedulerConfig | None = None, calibration: str | None = None,
                  plan: "Plan | str | None" = None,
                  initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
-                 max_dropped_mass: float = 1.0, n_seq_max: int = 1, kv_unified: bool = False,
+                 max_dropped_mass: float | None = None, n_seq_max: int = 1, kv_unified: bool = False,
                  swa_full: bool = False,
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  logits_all: bool = False, flash_attn: bool = True, repack: bool = True, verbose: bool = False,
@@ -158,7 +158,10 @@ class SwapMoELlama(Llama):
             experts_per_layer = experts_per_layer or plan.experts_per_layer
             scheduler = scheduler or plan.scheduler
             policy = policy or plan.policy
+            if max_dropped_mass is None and policy == "swapmoe":
+                max_dropped_mass = plan.max_dropped_mass
         policy = policy or "swapmoe"
+        max_dropped_mass = 1.0 if max_dropped_mass is None else max_dropped_mass
         if policy not in POLICIES:
             raise SwapMoEError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         if not 0.0 <= max_dropped_mass <= 1.0:

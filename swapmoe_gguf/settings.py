@@ -23,7 +23,7 @@ class ModelSettings:
     memory_budget: str | None = None
     experts_per_layer: int | None = None
     policy: str | None = None
-    max_dropped_mass: float = 1.0       # swapmoe's quality floor: 1 none, 0 lossless (exact)
+    max_dropped_mass: float | None = None  # swapmoe's quality floor: 1 none, 0 lossless (exact); None: the plan's
     plan: str | None = None
     ctx_size: int = 0                   # 0: the model's training context, at most DEFAULT_CTX
     threads: int = 0                    # 0: half the CPUs, as llama.cpp
@@ -103,9 +103,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts-per-layer", type=int, default=None, help="resident experts per layer S")
     g.add_argument("--policy", default=None, choices=("swapmoe", "static", "exact", "full"),
                    help="residency policy (default swapmoe, or the plan's)")
-    g.add_argument("--max-dropped-mass", type=dropped_mass, default=1.0, metavar="TAU",
+    g.add_argument("--max-dropped-mass", type=dropped_mass, default=None, metavar="TAU",
                    help="swapmoe's quality floor: where more than this share of the full model's expert weight "
-                        "falls on non-resident experts, load them and route exactly (1: never, default; 0: exact)")
+                        "falls on non-resident experts, load them and route exactly (1: never, the default unless "
+                        "a --plan picked one; 0: exact)")
     g.add_argument("--plan", default=None, help="plan JSON from `swapmoe plan`")
     g.add_argument("-c", "--ctx-size", type=int, default=0,
                    help="context length (default 0: the model's training context, at most 4096)")

@@ -134,3 +134,47 @@ def test_plan_cli_profiles_and_writes_json(model, tmp_path):
     assert list((env_cache / "swapmoe-gguf" / "profiles").glob("*.json")), "profile not cached"
     bad = run_cli("plan", str(model), "--memory-budget", "1MiB")
     assert bad.returncode == 2 and "below the minimum" in bad.stderr
+
+
+def test_floor_pick_follows_the_target():
+    from swapmoe_gguf.errors import SwapMoEError
+    from swapmoe_gguf.floor_tuning import FloorPoint, parse_target, pick
+
+    pts = [FloorPoint(1.0, 100.0, 0.30, 0.0), FloorPoint(0.5, 90.0, 0.10, 0.2), FloorPoint(0.2, 60.0, 0.02, 0.6),
+           FloorPoint(0.1, 30.0, 0.005, 0.9)]
+    assert pick(pts, parse_target("speed:0.7"))[0].tau == 0.5     # 0.2 runs at 0.6x: too slow
+    assert pick(pts, parse_target("speed:0.25"))[0].tau == 0.1    # every point is fast enough: best quality
+    assert pick(pts, parse_target("dropped:0.05"))[0].tau == 0.2  # the fastest with <= 5 % dropped
+    chosen, why = pick(pts, parse_target("dropped:0.001"))
+    assert chosen.tau == 0.1 and "no measured" in why
+    for bad in ("fast", "speed:2", "dropped:x", "speed:0"):
+        with pytest.raises(SwapMoEError, match="speed:X"):
+            parse_target(bad)
+
+
+def test_plan_picks_the_floor_by_measuring(model, tmp_path):
+    """`swapmoe plan --floor`: each τ measured on this model at the plan's S; the plan carries the
+    chosen τ and the runtime uses it."""
+    import re
+
+    from swapmoe_gguf.runtime import SwapMoELlama
+
+    out = tmp_path / "plan.json"
+    r = run_cli("plan", str(model), "--experts-per-layer", "3", "-c", "256", "-t", "2", "--floor", "dropped:0.05",
+                "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    measured = {float(t): (float(v), float(d), float(a)) for t, v, d, a in re.findall(
+        r"measured: τ=(\S+)\s+(\S+) tok/s\s+dropped (\S+)\s+acted on (\d+)%", r.stdout)}
+    assert sorted(measured) == [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
+    assert measured[1.0][2] == 0 and measured[0.05][2] > 0          # the floor acts below τ = 1 ...
+    assert measured[0.05][1] <= 0.05 < measured[1.0][1]              # ... and drops less
+    plan = Plan.load(out)
+    assert measured[plan.max_dropped_mass][1] <= 0.05                 # the fastest τ within the target
+    assert all(measured[t][1] > 0.05 for t in measured if t > plan.max_dropped_mass)
+    assert f"quality floor (τ):     {plan.max_dropped_mass:g}" in r.stdout
+    llm = SwapMoELlama(str(model), plan=str(out), n_ctx=256, verbose=False)
+    try:
+        assert llm.max_dropped_mass == plan.max_dropped_mass
+    finally:
+        llm.close()
+    assert run_cli("plan", str(model), "--floor", "quick").returncode == 2
