@@ -103,9 +103,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from .settings import model_settings, sampling_settings, server_settings
 
     ss = server_settings(a)
-    llm = model_settings(a).load(n_seq_max=ss.parallel, kv_unified=a.kv_unified, swa_full=a.swa_full)
+    ms = model_settings(a)
+    load = lambda: ms.load(n_seq_max=ss.parallel, kv_unified=a.kv_unified, swa_full=a.swa_full)  # noqa: E731
+    llm = load()
     try:
-        serve(llm, ss, sampling_settings(a))
+        serve(llm, ss, sampling_settings(a), loader=load)
     finally:
         llm.close()
     return 0

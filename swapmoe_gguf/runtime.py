@@ -65,6 +65,11 @@ def _glibc_release_large_blocks() -> Callable[[], None]:
 _trim = _glibc_release_large_blocks()
 
 
+def release_memory() -> None:
+    """Return freed heap memory to the system (after a model is closed)."""
+    _trim()
+
+
 def _single_threaded_blas() -> None:
     """numpy's BLAS scores the routers; its worker threads keep spinning after each matmul and took
     the cores from llama.cpp's threads (measured: the five decode steps after a scored prompt ran

@@ -186,6 +186,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="only none: thinking text stays in the answer's content (no reasoning_content split)")
     g.add_argument("--context-shift", action="store_true",
                    help="when a slot's context is full, drop the older half of its tokens and go on")
+    g.add_argument("--sleep-idle-seconds", type=float, default=-1, metavar="N",
+                   help="free the model after N idle seconds; the next request that needs it loads it again "
+                        "(-1: never)")
     g.add_argument("--slot-save-path", default=None, metavar="DIR",
                    help="folder where /slots/{id}?action=save|restore keep slot KV caches (off by default)")
     g.add_argument("--no-ui", dest="ui", action="store_false", default=True,
@@ -220,4 +223,5 @@ def server_settings(ns: argparse.Namespace) -> "ServerSettings":
                           chat_template=ns.chat_template, chat_template_file=ns.chat_template_file,
                           n_predict=ns.n_predict, ui=ns.ui, verbose=ns.server_verbose,
                           tags=split([ns.tags] if ns.tags else None), reasoning=ns.reasoning,
-                          slot_save_path=ns.slot_save_path, context_shift=ns.context_shift)
+                          slot_save_path=ns.slot_save_path, context_shift=ns.context_shift,
+                          sleep_idle_seconds=ns.sleep_idle_seconds)

@@ -205,7 +205,7 @@ def stories_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Serving:
     """`swapmoe serve` in a subprocess on a free loopback port, ready when /health answers."""
 
-    def __init__(self, model: str, *args: str, ctx: int = 512):
+    def __init__(self, model: str, *args: str, ctx: int = 512, env: dict[str, str] | None = None):
         import socket
         import time
 
@@ -215,7 +215,8 @@ class Serving:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "swapmoe_gguf", "serve", "-m", model, "--port",
                                       str(self.port), "-c", str(ctx), "-t", "1", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

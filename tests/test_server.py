@@ -327,6 +327,55 @@ def test_soak_short(tiny_gguf, tmp_path):
     assert res["failed"] == 0 and res["served"] > 10 and res["peak_rss_MiB"] <= res["budget_MiB"]
 
 
+def test_sleep_frees_the_model_and_wakes_on_demand(model):
+    """--sleep-idle-seconds: an idle server frees its model (RSS drops), answers /props and /metrics
+    without loading it, and loads it again for the next generation, which answers as before."""
+    s = Serving(model, "--experts-per-layer", "3", "--policy", "static", "--metrics", "--sleep-idle-seconds", "1")
+    try:
+        def metric(name: str) -> float:
+            return next(float(l.split()[1]) for l in http("GET", s.url + "/metrics").text.splitlines()
+                        if l.startswith(name + " "))
+
+        ask = {"prompt": "the river", "n_predict": 6, "temperature": 0}
+        first = http("POST", s.url + "/completion", json=ask).json()["content"]
+        awake_rss = metric("swapmoe_resident_bytes")
+        for _ in range(60):
+            if http("GET", s.url + "/props").json()["is_sleeping"]:
+                break
+            time.sleep(0.1)
+        assert http("GET", s.url + "/props").json()["is_sleeping"]
+        assert metric("swapmoe_resident_bytes") < awake_rss - (2 << 20)  # the model's memory is given back
+        assert metric("llamacpp:tokens_predicted_total") == 6 and http("GET", s.url + "/props").json()["is_sleeping"]
+        again = http("POST", s.url + "/completion", json=ask).json()["content"]
+        assert again == first and not http("GET", s.url + "/props").json()["is_sleeping"]
+        assert metric("llamacpp:tokens_predicted_total") == 12
+    finally:
+        s.stop()
+
+
+def test_vertex_ai_predict_route(model):
+    """AIP_MODE=PREDICTION: Vertex AI's /predict runs each instance through the route its
+    @requestFormat names (camelCase alias or path), as llama-server does."""
+    s = Serving(model, "--experts-per-layer", "3", "--policy", "static", "-np", "2",
+                env={"AIP_MODE": "PREDICTION", "AIP_HEALTH_ROUTE": "/vertex-health"})
+    try:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+        r = http("POST", s.url + "/predict", json={"instances": [
+            {"@requestFormat": "chatCompletions", **chat, "stream": True},
+            {"@requestFormat": "/completion", "prompt": "the river", "n_predict": 3},
+            {"@requestFormat": "nowhere"}, "not an object"]})
+        assert r.status == 200, r.text
+        p = r.json()["predictions"]
+        direct = http("POST", s.url + "/v1/chat/completions", json=chat).json()
+        assert p[0]["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+        assert p[1]["tokens_predicted"] == 3
+        assert "no handler registered" in p[2]["error"]["message"] and p[3]["error"]["code"] == 400
+        assert http("POST", s.url + "/predict", json={"instances": 3}).status == 400
+        assert http("GET", s.url + "/vertex-health").status == 200
+    finally:
+        s.stop()
+
+
 def test_defaults_are_safe(model):
     """Loopback only unless told otherwise; no API route takes a file path from the client."""
     from swapmoe_gguf.cli import build_parser

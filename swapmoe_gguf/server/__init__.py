@@ -7,6 +7,7 @@ Experts runtime. One module per API family over one generation core (core.py, ..
     anthropic.py  /v1/messages, /v1/messages/count_tokens
     ollama.py     /api/chat, /api/generate, /api/tags, /api/show, ...
     swapmoe.py    /swapmoe/budget
+    vertex.py     /predict (Google Vertex AI, with AIP_MODE=PREDICTION)
 """
 from .app import PUBLIC_PATHS, create_app, serve
 from .core import APIError, ServerSettings

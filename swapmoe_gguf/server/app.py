@@ -4,10 +4,12 @@ shape. No endpoint reads or writes a client-given path (slot files stay in --slo
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import html
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..errors import SwapMoEError
 from ..settings import SamplingSettings
-from . import anthropic, native, ollama, openai, responses, swapmoe
+from . import anthropic, native, ollama, openai, responses, swapmoe, vertex
 from .core import APIError, Core, ServerSettings, error_body
 from .guard import PUBLIC_PATHS, Guard  # noqa: F401  (PUBLIC_PATHS: re-exported)
 
@@ -36,13 +38,18 @@ def _json_error(e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
 
 
-def create_app(llm: Any, settings: ServerSettings | None = None, sampling: SamplingSettings | None = None) -> FastAPI:
+def create_app(llm: Any, settings: ServerSettings | None = None, sampling: SamplingSettings | None = None,
+               loader: Callable[[], Any] | None = None) -> FastAPI:
+    """`loader` builds the model again (after --sleep-idle-seconds freed it)."""
     s = settings or ServerSettings()
-    core = Core(llm, s, sampling)
+    core = Core(llm, s, sampling, loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watch = asyncio.create_task(_sleep_when_idle(core)) if s.sleep_idle_seconds >= 0 and loader else None
         yield
+        if watch is not None:
+            watch.cancel()
         core.close()
 
     app = FastAPI(title="swapmoe-gguf", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -71,16 +78,28 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
 
     for family in (native, openai, responses, anthropic, ollama, swapmoe):
         app.include_router(family.router(core))
+    if vertex.enabled():  # AIP_MODE=PREDICTION: Vertex AI's /predict over the routes above
+        vertex.install(app)
     return app
 
 
-def serve(llm: Any, settings: ServerSettings, sampling: SamplingSettings) -> None:
+async def _sleep_when_idle(core: Core) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(0.2)
+        await loop.run_in_executor(None, core.maybe_sleep)
+
+
+def serve(llm: Any, settings: ServerSettings, sampling: SamplingSettings,
+          loader: Callable[[], Any] | None = None) -> None:
     """Serve until interrupted; `--host a,b` listens on every address given (as llama-server)."""
     import socket
 
     import uvicorn
 
-    app = create_app(llm, settings, sampling)
+    app = create_app(llm, settings, sampling, loader)
+    if vertex.enabled():
+        settings = dataclasses.replace(settings, port=vertex.port(settings.port))
     hosts = [h.strip().strip("[]") for h in settings.host.split(",") if h.strip()]
     socks = []
     for h in hosts:

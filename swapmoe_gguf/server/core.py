@@ -8,16 +8,19 @@ with llama-server's type names and codes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request as HTTPRequest
 
 from ..engine import Done, Engine, EngineError, Progress, QueueFull, Request, SamplingParams, Token
 from ..settings import SamplingSettings
+from ..telemetry import RssProbe
 from ..chat_template import ChatFormatter
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class ServerSettings:
     verbose: bool = False               # responses carry llama-server's "__verbose" object
     tags: tuple[str, ...] = ()
     reasoning: str = "auto"             # on | off | auto: the templates' enable_thinking
+    sleep_idle_seconds: float = -1      # free the model after this many idle seconds (-1: never)
     context_shift: bool = False         # --context-shift: a full slot drops older tokens and goes on
     slot_save_path: str | None = None   # /slots/{id}?action=save|restore writes and reads only here
 
@@ -71,22 +75,112 @@ class Result:
 
 
 class Core:
-    def __init__(self, llm: Any, settings: ServerSettings, sampling: SamplingSettings | None = None):
-        self.llm, self.s = llm, settings
+    """The model, its engine and chat formatter, and what every route needs from them.
+
+    With `--sleep-idle-seconds N` (and a `loader` to build the model again), the model is freed after
+    N idle seconds: /health, /props, /models and /metrics answer from what was known before; anything
+    that needs the model (generation, tokenizing) loads it again first, as llama-server does."""
+
+    def __init__(self, llm: Any, settings: ServerSettings, sampling: SamplingSettings | None = None,
+                 loader: Callable[[], Any] | None = None):
+        self.s = settings
         self.sampling = sampling or SamplingSettings()
+        self.loader = loader
         # `--alias a,b,c`: every name is accepted; the id is the first in sorted order (llama-server's set)
         self.aliases = sorted({a.strip() for a in (settings.alias or "").split(",") if a.strip()}) or [
             llm.vmodel.info.path.stem]
         self.alias = self.aliases[0]
-        self.engine = Engine(llm, settings.parallel, max_queue=settings.max_queue,
-                             context_shift=settings.context_shift)
-        self.chat = ChatFormatter.for_model(llm, settings)
         self.started = time.time()
         self.counters = {"prompt_tokens": 0, "prompt_seconds": 0.0, "predicted_tokens": 0,
                          "predicted_seconds": 0.0, "requests": 0, "disconnects": 0, "refused": 0, "cached_tokens": 0}
+        self.sleeping, self.last_active, self._owned = False, time.monotonic(), False
+        self._lock = threading.Lock()
+        self._attach(llm)
+        # facts that stay true while the model sleeps
+        info = llm.vmodel.info
+        seed = getattr(llm, "_seed", None)
+        self.meta = {"path": str(info.path), "size": info.path.stat().st_size, "n_vocab": llm.n_vocab(),
+                     "n_embd": llm.n_embd(), "n_ctx_train": llm._model.n_ctx_train(), "n_expert": llm.vmodel.n_expert,
+                     "n_ctx_slot": self._engine.n_ctx_slot, "policy": llm.policy_name,
+                     "seed": 0xFFFFFFFF if seed is None or seed < 0 else int(seed), "template": self._chat.source,
+                     "bos": self._chat.bos, "eos": self._chat.eos}
+        self._scraped = (0, 0.0, 0, 0.0)  # counters at the last /metrics scrape (throughput windows)
+        self._snapshot = llm.telemetry()
+
+    def _attach(self, llm: Any) -> None:
+        self._llm = llm
+        self._engine = Engine(llm, self.s.parallel, max_queue=self.s.max_queue, context_shift=self.s.context_shift)
+        self._chat = ChatFormatter.for_model(llm, self.s)
+
+    # the model, loaded again on first use after a sleep
+    @property
+    def llm(self) -> Any:
+        self.wake()
+        return self._llm
+
+    @property
+    def engine(self) -> Engine:
+        self.wake()
+        return self._engine
+
+    @property
+    def chat(self) -> ChatFormatter:
+        self.wake()
+        return self._chat
+
+    def telemetry(self) -> Any:
+        """The runtime's numbers; while asleep, the last ones before sleeping with the memory the
+        process holds now (does not wake)."""
+        if not self.sleeping:
+            return self._llm.telemetry()
+        probe = RssProbe()
+        try:
+            return dataclasses.replace(self._snapshot, rss_bytes=probe())
+        finally:
+            probe.close()
+
+    def wake(self) -> None:
+        self.last_active = time.monotonic()
+        if not self.sleeping:
+            return
+        with self._lock:
+            if self.sleeping:
+                log.warning("waking up: loading the model")
+                self._attach(self.loader())
+                self._owned = True  # loaded here: closed here (the caller closes the model it gave)
+                self._engine.stats.update(self._stats)  # counters go on across sleeps
+                self.sleeping = False
+
+    def maybe_sleep(self) -> bool:
+        """Free the model if it has been idle for --sleep-idle-seconds (and can be loaded again)."""
+        n = self.s.sleep_idle_seconds
+        if n < 0 or self.sleeping or self.loader is None or time.monotonic() - self.last_active < n:
+            return False
+        with self._lock:
+            e = self._engine
+            if self.sleeping or e.n_busy or e.n_waiting:
+                return False
+            self._snapshot = self._llm.telemetry()
+            self.meta["policy"] = self._llm.policy_name
+            self._stats = dict(e.stats)
+            e.close()
+            self._llm.close()
+            self._llm = self._engine = self._chat = None
+            self.sleeping = True
+        import gc
+
+        from ..runtime import release_memory
+
+        gc.collect()
+        release_memory()  # hand the freed heap back to the system (glibc keeps it otherwise)
+        log.warning("sleeping: the model is freed after %g idle seconds", n)
+        return True
 
     def close(self) -> None:
-        self.engine.close()
+        if not self.sleeping:
+            self._engine.close()
+            if self._owned:
+                self._llm.close()
 
     # prompts ----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -149,8 +243,19 @@ class Core:
 
     @property
     def seed(self) -> int:
-        s = getattr(self.llm, "_seed", None)
-        return 0xFFFFFFFF if s is None or s < 0 else int(s)
+        return self.meta["seed"]
+
+    def engine_stats(self) -> dict[str, Any]:
+        return self._stats if self.sleeping else self._engine.stats
+
+    def throughput_window(self) -> tuple[float, float]:
+        """Prompt and generation tokens/s since the last scrape (llama-server's buckets: a scrape
+        reports the work done since the one before, 0 when nothing ran)."""
+        c = self.counters
+        now = (c["prompt_tokens"], c["prompt_seconds"], c["predicted_tokens"], c["predicted_seconds"])
+        pt, ps, dt, ds = (a - b for a, b in zip(now, self._scraped))
+        self._scraped = now
+        return (pt / ps if ps > 0 else 0.0), (dt / ds if ds > 0 else 0.0)
 
     def logit_bias(self, bias: Any) -> dict[int, float]:
         """OpenAI's {"token id": bias} or llama-server's [[token or text, bias or false], ...]."""
@@ -177,7 +282,7 @@ class Core:
     # running ------------------------------------------------------------------------------------
     def _submit(self, req: Request, notify: Any = None) -> Any:
         try:
-            job = self.engine.submit(req, notify)
+            job = self.engine.submit(req, notify)  # wakes a sleeping model
         except QueueFull as e:
             self.counters["refused"] += 1
             raise APIError(503, str(e), "unavailable_error", headers={"Retry-After": str(self.s.retry_after_s)}) from None
@@ -232,11 +337,12 @@ class Core:
                 if http is not None and await http.is_disconnected():
                     return
         finally:
+            self.last_active = time.monotonic()
             if not finished:
                 job.cancel()
                 self.counters["disconnects"] += 1
-                with self.engine._cv:
-                    self.engine._cv.notify()
+                with self._engine._cv:
+                    self._engine._cv.notify()
 
     def _count(self, d: Done) -> None:
         c = self.counters
@@ -252,7 +358,7 @@ class Core:
                 "top_p": p.top_p, "min_p": p.min_p, "typical_p": p.typical_p, "repeat_penalty": p.repeat_penalty,
                 "repeat_last_n": p.repeat_last_n, "presence_penalty": p.presence_penalty,
                 "frequency_penalty": p.frequency_penalty, "n_probs": p.n_probs, "stop": req.stop,
-                "ignore_eos": req.ignore_eos, "grammar": p.grammar or "", "n_ctx": self.engine.n_ctx_slot,
+                "ignore_eos": req.ignore_eos, "grammar": p.grammar or "", "n_ctx": self.meta["n_ctx_slot"],
                 "adaptive_target": -1.0, "adaptive_decay": 0.9, "dry_multiplier": 0.0, "xtc_probability": 0.0,
                 "mirostat": 0, "samplers": ["penalties", "top_k", "typ_p", "top_p", "min_p", "temperature"],
                 "stream": False, "cache_prompt": req.cache_prompt, "post_sampling_probs": False,

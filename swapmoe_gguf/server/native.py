@@ -129,18 +129,18 @@ def router(core: Core) -> APIRouter:
 
     @r.get("/props")
     async def props() -> dict[str, Any]:
-        d = core.sampling
-        t = core.llm.telemetry()
+        """Answered from what is known without the model: does not wake a sleeping server."""
+        t, m = core.telemetry(), core.meta
         return {"default_generation_settings": {
-                    "n_ctx": core.engine.n_ctx_slot, "id": 0, "is_processing": False,
+                    "n_ctx": m["n_ctx_slot"], "id": 0, "is_processing": False,
                     "params": core.generation_settings(core.request([0], {}))},
-                "total_slots": len(core.engine.slots), "model_alias": core.alias,
-                "model_path": str(core.llm.vmodel.info.path), "chat_template": core.chat.source,
-                "bos_token": core.chat.bos, "eos_token": core.chat.eos, "build_info": "swapmoe-gguf",
-                "modalities": {"vision": False, "audio": False}, "is_sleeping": False,
-                "swapmoe": {"policy": core.llm.policy_name, "experts_per_layer": t.slots,
-                            "n_expert": core.llm.vmodel.n_expert, "budget_bytes": t.budget_bytes,
-                            "rss_bytes": t.rss_bytes, "default_temperature": d.temp}}
+                "total_slots": core.s.parallel, "model_alias": core.alias, "model_path": m["path"],
+                "chat_template": m["template"], "bos_token": m["bos"], "eos_token": m["eos"],
+                "build_info": "swapmoe-gguf", "modalities": {"vision": False, "audio": False},
+                "is_sleeping": core.sleeping,
+                "swapmoe": {"policy": m["policy"], "experts_per_layer": t.slots, "n_expert": m["n_expert"],
+                            "budget_bytes": t.budget_bytes, "rss_bytes": t.rss_bytes,
+                            "default_temperature": core.sampling.temp}}
 
     @r.post("/props")
     async def set_props() -> None:
@@ -244,9 +244,9 @@ async def _stream(core: Core, job: Any, req: Any, request: Request, body: dict[s
 
 def render_metrics(core: Core) -> str:
     """llama-server's `llamacpp:` series, then SwapMoE's own."""
-    c, e = core.counters, core.engine
-    t = core.llm.telemetry()
-    st = e.stats
+    c, t, st = core.counters, core.telemetry(), core.engine_stats()
+    busy, waiting = (0, 0) if core.sleeping else (core.engine.n_busy, core.engine.n_waiting)
+    prompt_rate, gen_rate = core.throughput_window()
     rows = [
         ("llamacpp:prompt_tokens_total", "counter", "Number of prompt tokens processed.", c["prompt_tokens"]),
         ("llamacpp:prompt_tokens_cached_total", "counter", "Number of prompt tokens reused from the cache.",
@@ -260,12 +260,12 @@ def render_metrics(core: Core) -> str:
         ("llamacpp:spec_decode_num_draft_tokens_total", "counter", "Draft tokens (no speculative decoding here)", 0),
         ("llamacpp:spec_decode_num_accepted_tokens_total", "counter", "Accepted draft tokens", 0),
         ("llamacpp:spec_decode_num_drafts_total", "counter", "Drafts", 0),
-        ("llamacpp:prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.",
-         c["prompt_tokens"] / c["prompt_seconds"] if c["prompt_seconds"] else 0.0),
-        ("llamacpp:predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s.",
-         c["predicted_tokens"] / c["predicted_seconds"] if c["predicted_seconds"] else 0.0),
-        ("llamacpp:requests_processing", "gauge", "Number of requests processing.", e.n_busy),
-        ("llamacpp:requests_deferred", "gauge", "Number of requests deferred.", e.n_waiting),
+        ("llamacpp:prompt_tokens_seconds", "gauge", "Prompt throughput in tokens/s since the last scrape.",
+         prompt_rate),
+        ("llamacpp:predicted_tokens_seconds", "gauge", "Generation throughput in tokens/s since the last scrape.",
+         gen_rate),
+        ("llamacpp:requests_processing", "gauge", "Number of requests processing.", busy),
+        ("llamacpp:requests_deferred", "gauge", "Number of requests deferred.", waiting),
         ("llamacpp:n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call",
          st["busy_slots_sum"] / st["decode_calls"] if st["decode_calls"] else 0.0),
         ("swapmoe_requests_total", "counter", "requests accepted", c["requests"]),

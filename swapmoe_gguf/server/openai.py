@@ -79,8 +79,8 @@ def router(core: Core) -> APIRouter:
     @r.get("/v1/models")
     @r.get("/models")
     async def models() -> dict[str, Any]:
-        meta = {"n_ctx_train": core.llm._model.n_ctx_train(), "n_vocab": core.llm.n_vocab(),
-                "n_embd": core.llm.n_embd(), "size": core.llm.vmodel.info.path.stat().st_size}
+        m = core.meta  # known without the model: does not wake a sleeping server
+        meta = {"n_ctx_train": m["n_ctx_train"], "n_vocab": m["n_vocab"], "n_embd": m["n_embd"], "size": m["size"]}
         m = {"id": core.alias, "object": "model", "created": int(core.started), "owned_by": "llamacpp", "meta": meta,
              "aliases": list(core.aliases), "tags": list(core.s.tags)}
         return {"object": "list", "data": [m],

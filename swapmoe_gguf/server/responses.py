@@ -41,6 +41,13 @@ def _usage(d: Done) -> dict[str, Any]:
 def router(core: Core) -> APIRouter:
     r = APIRouter()
 
+    @r.post("/v1/responses/input_tokens")
+    @r.post("/responses/input_tokens")
+    async def input_tokens(request: Request) -> dict[str, Any]:
+        body = await parse_json(request)
+        prompt = render_chat(core, {**body, "messages": _messages(body)}, ToolCalling([], "none", False))
+        return {"object": "response.input_tokens", "input_tokens": len(core.prompt_tokens(prompt))}
+
     @r.post("/v1/responses")
     @r.post("/responses")
     async def responses(request: Request) -> Any:
