@@ -139,6 +139,11 @@ class Core:
         finally:
             probe.close()
 
+    @property
+    def policy_name(self) -> str:
+        """The residency policy now (a budget change may switch it); does not wake."""
+        return self.meta["policy"] if self.sleeping else self._llm.policy_name
+
     def wake(self) -> None:
         self.last_active = time.monotonic()
         if not self.sleeping:

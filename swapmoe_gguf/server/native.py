@@ -138,7 +138,7 @@ def router(core: Core) -> APIRouter:
                 "chat_template": m["template"], "bos_token": m["bos"], "eos_token": m["eos"],
                 "build_info": "swapmoe-gguf", "modalities": {"vision": False, "audio": False},
                 "is_sleeping": core.sleeping,
-                "swapmoe": {"policy": m["policy"], "experts_per_layer": t.slots, "n_expert": m["n_expert"],
+                "swapmoe": {"policy": core.policy_name, "experts_per_layer": t.slots, "n_expert": m["n_expert"],
                             "budget_bytes": t.budget_bytes, "rss_bytes": t.rss_bytes,
                             "default_temperature": core.sampling.temp}}
 

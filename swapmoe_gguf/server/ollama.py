@@ -174,7 +174,7 @@ def _metrics(d: Done, t0: int) -> dict[str, Any]:
 
 def router(core: Core) -> APIRouter:
     r = APIRouter()
-    llm, info = core.llm, core.llm.vmodel.info
+    info = core.llm.vmodel.info  # the file's metadata: stays valid while the model sleeps
     name = core.alias if ":" in core.alias else f"{core.alias}:latest"
     mtime = info.path.stat().st_mtime
     size = sum(info.file_sizes)
@@ -188,7 +188,7 @@ def router(core: Core) -> APIRouter:
                "parameter_size": _human(n_params), "quantization_level": quant}
     s = core.sampling
     params = {"temperature": s.temp, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p,
-              "repeat_penalty": s.repeat_penalty, "num_ctx": core.engine.n_ctx_slot}
+              "repeat_penalty": s.repeat_penalty, "num_ctx": core.meta["n_ctx_slot"]}
 
     def logprobs(toks: list[Token], top: int) -> list[dict[str, Any]]:
         def one(t: int, lp: float) -> dict[str, Any]:
@@ -258,7 +258,7 @@ def router(core: Core) -> APIRouter:
             raise APIError(400, "\"prompt\" and \"system\" must be strings")
         if body.get("suffix"):
             raise APIError(400, f"\"{model}\" does not support insert")
-        if not isinstance(context, list) or not all(isinstance(t, int) and 0 <= t < llm.n_vocab() for t in context):
+        if not isinstance(context, list) or not all(isinstance(t, int) and 0 <= t < core.meta["n_vocab"] for t in context):
             raise APIError(400, "\"context\" must be an array of token ids, as a previous response gave")
         raw = bool(body.get("raw"))
         if raw and (system or context or body.get("template")):
@@ -306,10 +306,12 @@ def router(core: Core) -> APIRouter:
 
     @r.get("/api/ps")
     async def ps() -> dict[str, Any]:
-        resident = info.weight_bytes_with(llm.vmodel.slots) if info.n_expert else size
+        if core.sleeping:  # freed: nothing is loaded (asking does not wake it)
+            return {"models": []}
+        resident = info.weight_bytes_with(core.telemetry().slots) if info.n_expert else size
         return {"models": [{"name": name, "model": name, "size": resident, "digest": digest, "details": details,
                             "expires_at": "2999-12-31T23:59:59Z", "size_vram": 0,
-                            "context_length": core.engine.n_ctx_slot}]}
+                            "context_length": core.meta["n_ctx_slot"]}]}
 
     @r.api_route("/api/version", methods=["GET", "HEAD"])
     async def version() -> dict[str, str]:
