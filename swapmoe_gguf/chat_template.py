@@ -17,13 +17,15 @@ from typing import Any
 
 import llama_cpp
 
+from .errors import SwapMoEError
+
 CHATML = ("{%- for message in messages -%}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
           "'<|im_end|>\\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
           "{%- endif -%}")
 
 
-class TemplateError(ValueError):
-    pass
+class TemplateError(SwapMoEError, ValueError):
+    """A chat template that does not parse or render (one line for the CLI; 400 for a request)."""
 
 
 def _builtin_names() -> set[str]:

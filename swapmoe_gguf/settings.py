@@ -209,8 +209,11 @@ def server_settings(ns: argparse.Namespace) -> "ServerSettings":
     from .errors import SwapMoEError
     from .server import ServerSettings
 
-    if not 0 < ns.port < 65536 or ns.parallel < 1 or ns.max_queue < 0:
-        raise SwapMoEError(f"serve: need --port in 1..65535, --parallel >= 1 and --max-queue >= 0, got "
+    import llama_cpp
+
+    top = llama_cpp.llama_max_parallel_sequences()
+    if not 0 < ns.port < 65536 or not 1 <= ns.parallel <= top or ns.max_queue < 0:
+        raise SwapMoEError(f"serve: need --port in 1..65535, --parallel in 1..{top} and --max-queue >= 0, got "
                            f"{ns.port}, {ns.parallel} and {ns.max_queue}")
     if ns.slot_save_path and not os.path.isdir(ns.slot_save_path):
         raise SwapMoEError(f"serve: --slot-save-path {ns.slot_save_path} is not a folder")

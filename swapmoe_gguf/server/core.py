@@ -1,9 +1,10 @@
 """The generation core every API family shares: settings, errors, prompts, sampling, results.
 
-Routes (openai.py, native.py, anthropic.py, ollama.py, swapmoe.py) turn their request shapes into
-an engine `Request` with `Core.request(...)`, then either `await core.complete(req)` (one `Result`)
-or iterate `core.stream(req, http_request)` (Token events, then a `Result`). Errors are `APIError`
-with llama-server's type names and codes.
+Routes (one module per API family) turn their request shapes into an engine `Request` with
+`Core.request(...)`, then either `await core.complete(req)` (the final `Done` and the tokens) or
+iterate `core.stream(req, http_request)` (`Token` events, then `Done`); `core.start(req)` submits
+first, so a refusal gets its HTTP status before a stream's headers. Errors are `APIError` with
+llama-server's type names and codes.
 """
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request as HTTPRequest
 
+from ..chat_template import ChatFormatter
 from ..engine import Done, Engine, EngineError, Progress, QueueFull, Request, SamplingParams, Token
 from ..settings import SamplingSettings
 from ..telemetry import RssProbe
-from ..chat_template import ChatFormatter
 
 log = logging.getLogger(__name__)
 BUILD = "b0-swapmoe"   # system_fingerprint (llama-server: its build info, "b<number>-<commit>")
@@ -64,14 +65,6 @@ class APIError(Exception):
 def error_body(e: APIError) -> dict[str, Any]:
     """llama-server's error object (`code` is the HTTP status) plus OpenAI's `param`."""
     return {"error": {"code": e.status, "message": e.message, "type": e.type, "param": None, **e.extra}}
-
-
-@dataclass
-class Result:
-    """A finished generation, with what every API family reports."""
-    done: Done
-    prompt_text: str
-    probs: list[Token] = field(default_factory=list)
 
 
 class Core:
