@@ -78,10 +78,8 @@ def router(core: Core) -> APIRouter:
             if len(reqs) > 1:
                 raise APIError(400, "streaming accepts one prompt")
             return sse(_stream(core, core.start(reqs[0]), reqs[0], request, body, final), done=None)
-        outs = []
-        for req in reqs:
-            d, toks = await core.complete(req, request)
-            outs.append(final(d, req, body, toks, False))
+        done = await asyncio.gather(*(core.complete(req, request) for req in reqs))  # on free slots at once
+        outs = [final(d, req, body, toks, False) for req, (d, toks) in zip(reqs, done)]
         return outs[0] if len(outs) == 1 else outs
 
     @r.post("/tokenize")

@@ -2,6 +2,7 @@
 as llama-server serves them), with llama-server's extensions (timings, cached tokens)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -102,7 +103,7 @@ def router(core: Core) -> APIRouter:
         if body.get("stream"):
             return sse(_completion_chunks(core, core.start(req), request, cid, envelope, body))
         n = int(body.get("n") or 1)
-        results = [await core.complete(req, request) for _ in range(n)]  # n choices: one after the other
+        results = await asyncio.gather(*(core.complete(req, request) for _ in range(n)))  # on free slots at once
         choices = [{"text": d.text, "index": i, "finish_reason": finish(d),
                     "logprobs": {"content": core.token_probs(toks)} if req.sampling.n_probs else None}
                    for i, (d, toks) in enumerate(results)]
@@ -127,7 +128,7 @@ def router(core: Core) -> APIRouter:
         if body.get("stream"):
             return sse(_chat_chunks(core, core.start(req), request, cid, envelope, body, tools, req))
         n = int(body.get("n") or 1)
-        results = [await core.complete(req, request) for _ in range(n)]  # n choices: one after the other
+        results = await asyncio.gather(*(core.complete(req, request) for _ in range(n)))  # on free slots at once
         choices = []
         for i, (d, toks) in enumerate(results):
             choices.append(_choice(core, d, toks, req, tools, i))
