@@ -132,7 +132,6 @@ def main() -> int:
         conftest.write_text(conftest.read_text().replace("ServerPreset.load_all()", "pass  # no downloads"))
         nodes = applicable(tests / "unit")
         env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(launcher), "PYTHONPATH": str(REPO)}
-        report = work / "report.json"
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-o",
                "addopts=", "--junitxml", str(work / "junit.xml"), *nodes]
         if a.n > 1:
@@ -146,7 +145,6 @@ def main() -> int:
                "seconds": round(time.time() - t0), "applicable": len(results),
                "passed": sum(r["outcome"] == "passed" for r in results.values()),
                "failed": {k: r["message"] for k, r in sorted(results.items()) if r["outcome"] != "passed"}}
-        report.write_text(json.dumps(out, indent=1))
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))
         print(f"{out['passed']} of {out['applicable']} passed ({out['seconds']} s); pytest rc {proc.returncode}")

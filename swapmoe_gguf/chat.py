@@ -11,7 +11,7 @@ import dataclasses
 import signal
 import sys
 import threading
-from typing import Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 from .budget import fmt
 from .errors import SwapMoEError
@@ -70,6 +70,7 @@ class ChatSession:
                  err: TextIO = sys.stderr):
         self.llm, self.sampling, self.system, self.out, self.err = llm, sampling, system, out, err
         self.messages: list[dict[str, str]] = []
+        self.formatter: Any = None  # the chat template, built on the first templated answer
         self.reset()
 
     def reset(self) -> None:
@@ -79,8 +80,12 @@ class ChatSession:
         """Stream one answer; Ctrl-C stops it and keeps what was said."""
         if not raw:
             self.messages.append({"role": "user", "content": text})
+        if not raw and self.formatter is None:
+            from .chat_template import ChatFormatter
+
+            self.formatter = ChatFormatter.for_model(self.llm)
         gen = stream(self.llm, prompt=text, sampling=self.sampling) if raw else \
-            stream(self.llm, messages=self.messages, sampling=self.sampling)
+            stream(self.llm, messages=self.messages, sampling=self.sampling, formatter=self.formatter)
         parts: list[str] = []
         last: GenerationRecord | None = None
         with _ctrl_c_as_flag(self.llm) as stop:

@@ -15,6 +15,7 @@ A slot keeps its tokens after a request (prompt cache): the next prompt sharing 
 """
 from __future__ import annotations
 
+import codecs
 import ctypes
 import logging
 import queue
@@ -41,7 +42,8 @@ class _Slot:
     pending: list[int] = field(default_factory=list)  # prompt tokens still to decode
     chain: Any = None
     out_tokens: list[int] = field(default_factory=list)
-    out_bytes: bytearray = field(default_factory=bytearray)
+    text: str = ""                                    # the answer so far, decoded as it arrives
+    decoder: Any = None                               # UTF-8, holding a character split across tokens
     sent: int = 0                                     # characters released
     n_cached: int = 0
     t_start: float = 0.0
@@ -72,6 +74,7 @@ class Engine:
         self._calls: list[tuple[Callable[[], Any], "queue.SimpleQueue[Any]"]] = []
         self._cv = threading.Condition()
         self._closed = False
+        self._pieces: dict[tuple[int, bool], bytes] = {}
         self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self.stats = {"prompt_tokens": 0, "prompt_seconds": 0.0, "predicted_tokens": 0, "predicted_seconds": 0.0,
                       "decode_calls": 0, "busy_slots_sum": 0, "requests": 0, "n_past_max": 0}
@@ -90,13 +93,18 @@ class Engine:
 
     # API (any thread) ---------------------------------------------------------------------------
     def piece(self, tok: int, special: bool = False) -> bytes:
-        """The bytes of one token as llama-server streams them (a leading space kept)."""
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        """The bytes of one token as llama-server streams them (a leading space kept); cached: the
+        vocabulary is the file's, whatever the model is rebuilt with."""
+        key = (tok, special)
+        b = self._pieces.get(key)
+        if b is None:
+            buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, special)
-        return buf.raw[:n]
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, special)
+            b = self._pieces[key] = buf.raw[:n]
+        return b
 
     def submit(self, req: Request, notify: Callable[[], None] | None = None) -> Job:
         if len(req.prompt) == 0:
@@ -270,7 +278,8 @@ class Engine:
         slot.n_cached = n_keep
         slot.job = job
         slot.chain = self._chain(req)
-        slot.out_tokens, slot.out_bytes, slot.sent = [], bytearray(), 0
+        slot.out_tokens, slot.text, slot.sent = [], "", 0
+        slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         slot.t_start, slot.t_prompt, slot.truncated = time.perf_counter(), 0.0, False
         self.stats["requests"] += 1
         if req.return_progress:
@@ -393,8 +402,8 @@ class Engine:
         if llama_cpp.llama_vocab_is_eog(self.vocab, tok) and not req.ignore_eos:
             return self._finish(s, "stop", "eos", "")
         s.out_tokens.append(tok)
-        s.out_bytes += self.piece(tok)
-        text = _utf8_prefix(bytes(s.out_bytes))
+        s.text += s.decoder.decode(self.piece(tok))
+        text = s.text
         for w in req.stop:
             at = text.find(w, max(0, s.sent - len(w)))
             if w and at >= 0:
@@ -431,7 +440,7 @@ class Engine:
                 truncated: bool = False) -> None:
         job = s.job
         if text is None:
-            text = _utf8_prefix(bytes(s.out_bytes), final=True)
+            text = s.text + s.decoder.decode(b"", final=True)
             if len(text) > s.sent:  # release what was held back for a stop word that never came
                 job.put(Token(-1, text[s.sent:]))
         now = time.perf_counter()
@@ -469,16 +478,6 @@ def _common(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _utf8_prefix(data: bytes, final: bool = False) -> str:
-    """The text of `data`, without a trailing incomplete UTF-8 character (unless final)."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if not final and e.reason == "unexpected end of data":
-            return data[:e.start].decode("utf-8", "replace")
-        return data.decode("utf-8", "replace")
 
 
 def _partial(text: str, word: str) -> int:

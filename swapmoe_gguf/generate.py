@@ -31,18 +31,20 @@ class GenerationRecord:
 
 
 def stream(llm: Any, *, messages: list[dict[str, str]] | None = None, prompt: str | list[int] | None = None,
-           sampling: SamplingSettings | None = None, **extra: Any) -> Iterator[GenerationRecord]:
-    """Chat (`messages`, the GGUF's chat template) or raw completion (`prompt`), streamed."""
+           sampling: SamplingSettings | None = None, formatter: Any = None,
+           **extra: Any) -> Iterator[GenerationRecord]:
+    """Chat (`messages`, the GGUF's chat template, formatted as `swapmoe serve` formats them: pass
+    a `chat_template.ChatFormatter` to reuse one) or raw completion (`prompt`), streamed."""
     sampling = sampling or SamplingSettings()
     kw = {**sampling.kwargs(), **extra, "stream": True}
     if sampling.ignore_eos:
         kw["logit_bias"] = {**kw.get("logit_bias", {}), llm.token_eos(): -1e9}
-    if messages is not None:  # formatted as `swapmoe serve` formats them (llama-server's rules)
-        from .chat_template import ChatFormatter
+    if messages is not None:
+        if formatter is None:
+            from .chat_template import ChatFormatter
 
-        fmt = getattr(llm, "_swapmoe_chat_formatter", None) or ChatFormatter.for_model(llm)
-        llm._swapmoe_chat_formatter = fmt
-        prompt = fmt.render(messages)
+            formatter = ChatFormatter.for_model(llm)
+        prompt = formatter.render(messages)
     chunks = llm.create_completion(prompt=prompt, **kw)
     start = llm.telemetry()
     t0 = time.perf_counter()

@@ -336,11 +336,9 @@ class Core:
                     return
         finally:
             self.last_active = time.monotonic()
-            if not finished:
+            if not finished:  # the engine, busy with this job, frees its slot at its next step
                 job.cancel()
                 self.counters["disconnects"] += 1
-                with self._engine._cv:
-                    self._engine._cv.notify()
 
     def _count(self, d: Done) -> None:
         c = self.counters

@@ -115,9 +115,6 @@ def router(core: Core) -> APIRouter:
     async def chat(request: Request) -> Any:
         body = await parse_json(request)
         check_n(body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "\"messages\" must be a non-empty array")
         tools = ToolCalling.from_body(body)
         prompt = render_chat(core, body, tools)
         grammar = tools.grammar() or structured(body)
@@ -142,9 +139,6 @@ def router(core: Core) -> APIRouter:
     @r.post("/chat/completions/input_tokens")
     async def chat_input_tokens(request: Request) -> dict[str, Any]:
         body = await parse_json(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "\"messages\" must be a non-empty array")
         tools = ToolCalling.from_body(body)
         return {"input_tokens": len(core.prompt_tokens(render_chat(core, body, tools)))}
 
@@ -166,6 +160,8 @@ def _choice(core: Core, d: Done, toks: list[Token], req: Any, tools: ToolCalling
 def render_chat(core: Core, body: dict[str, Any], tools: ToolCalling) -> str:
     """The prompt of a chat request. A final assistant message is continued (prefill), as llama-server
     and vLLM's `continue_final_message` do; with `add_generation_prompt` that is an error."""
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise APIError(400, "\"messages\" must be a non-empty array")
     messages = tools.messages(body["messages"], native=core.chat.native_tools)
     kwargs = dict(body.get("chat_template_kwargs") or {})
     add_gen = body.get("add_generation_prompt", kwargs.pop("add_generation_prompt", None))
