@@ -1,8 +1,8 @@
 """How good can one expert set per request be? An upper bound for SwapMoE's quality target.
 
-    python bench/oracle_sets.py [--experts-per-layer 8 6 12] [--chunks 12]
+    python bench/oracle_sets.py [--experts-per-layer 24 16 8] [--chunks 12]
 
-For each evaluation chunk of `swapmoe eval` (held-out Macbeth, 256 tokens: first half prompt,
+For each evaluation chunk of `swapmoe eval` (the default model's held-out mixed-domain stream, 256 tokens: first half prompt,
 second half scored), the oracle knows the future: it scores every expert with Eq. 1 on the FULL
 model over the chunk itself (or only its scored half), keeps the top-S per layer for the whole
 request and is evaluated exactly like the policies (KL to full on the scored half). No scheduler
@@ -14,8 +14,8 @@ import argparse
 
 import numpy as np
 
-from swapmoe_gguf.demo import default_model, shipped_checkpoint
-from swapmoe_gguf.evaluate import chunk_tokens, evaluate
+from swapmoe_gguf.demo import default_model, shipped_heldout
+from swapmoe_gguf.evaluate import evaluate, read_texts, stream_chunks
 from swapmoe_gguf.policies import _Collector
 from swapmoe_gguf.runtime import SwapMoELlama
 from swapmoe_gguf.scheduler import ImportanceScheduler, SchedulerConfig
@@ -23,20 +23,21 @@ from swapmoe_gguf.scheduler import ImportanceScheduler, SchedulerConfig
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experts-per-layer", type=int, nargs="+", default=[12, 8, 6])
+    ap.add_argument("--experts-per-layer", type=int, nargs="+", default=[24, 16, 8])
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     path = str(default_model())
-    text = (shipped_checkpoint() / "heldout-macbeth.txt").read_text(encoding="utf-8")
+    texts = read_texts([str(p) for p in shipped_heldout()])
     kw = dict(n_ctx=264, n_batch=256, n_threads=a.threads, n_threads_batch=a.threads, verbose=False, seed=1)
     full = SwapMoELlama(path, policy="full", **kw)
-    chunks = chunk_tokens(full, text, 256, a.chunks)
+    chunks = stream_chunks(full, texts, 256, a.chunks)
     _, reference = evaluate(full, chunks)
     vm = full.vmodel
     scores: dict[str, list[ImportanceScheduler]] = {"whole chunk": [], "scored half": []}
     for which, out in scores.items():
-        for toks in chunks:
+        for chunk in chunks:
+            toks = chunk.tokens
             sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
                                         SchedulerConfig(decay=1 - 1e-9, interval=1 << 30, quota=0))
             full.policy, full.tap.enabled = _Collector(sched), True
@@ -56,11 +57,11 @@ def main() -> None:
         row = []
         for which, scheds in scores.items():
             kls = []
-            for toks, ref, sched in zip(chunks, reference, scheds):
+            for chunk, ref, sched in zip(chunks, reference, scheds):
                 llm = SwapMoELlama(path, policy="static", experts_per_layer=s,
                                    initial_experts={l: sched.target(l, s) for l in vm.moe_layers}, **kw)
                 try:
-                    kls.append(evaluate(llm, [toks], [ref])[0].kl)
+                    kls.append(evaluate(llm, [chunk], [ref])[0].kl)
                 finally:
                     llm.close()
             row.append(float(np.mean(kls)))

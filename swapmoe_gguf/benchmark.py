@@ -263,8 +263,8 @@ def slots_for(pct: float, n_expert: int, top_k: int) -> int:
     return max(top_k, min(n_expert, round(pct / 100 * n_expert)))
 
 
-def run_quality(model: str, text: str, budgets: list[float], *, ctx: int, chunks: int, threads: int,
-                floors: tuple[float, ...] = ()) -> list[dict]:
+def run_quality(model: str, text: "str | dict[str, str]", budgets: list[float], *, ctx: int, chunks: int,
+                threads: int, floors: tuple[float, ...] = (), switch_every: int = 3) -> list[dict]:
     from .evaluate import run_eval_cells
     from .gguf_info import read_gguf
 
@@ -273,7 +273,7 @@ def run_quality(model: str, text: str, budgets: list[float], *, ctx: int, chunks
     cells = [(p, slots_for(b, n, k), b, 1.0) for b in budgets if slots_for(b, n, k) < n for p in SPEED_POLICIES]
     cells += [("swapmoe", slots_for(b, n, k), b, t) for b in budgets if slots_for(b, n, k) < n for t in floors]
     res = run_eval_cells(model, text, [(p, s, None, t) for p, s, _, t in cells], ctx=ctx, chunks=chunks,
-                         threads=threads)
+                         threads=threads, switch_every=switch_every)
     rows = [asdict(res[0]) | {"budget_pct": 100.0}]
     rows += [asdict(r) | {"budget_pct": b} for r, (_, _, b, _) in zip(res[1:], cells)]
     return rows
@@ -286,8 +286,8 @@ class BenchOptions:
     out_dir: str = "swapmoe-bench"
     speed_model: str | None = None      # None: the synthetic model, built once in the cache
     quality_model: str | None = None    # None: the embedded default model
-    text: str | None = None             # None: the default model's held-out play
-    budgets: tuple[float, ...] = (100.0, 75.0, 50.0, 35.0)
+    text: str | None = None             # None: the default model's held-out mixed-domain stream
+    budgets: tuple[float, ...] = (100.0, 75.0, 50.0, 25.0)
     n_predict: int = 64
     rounds: int = 3
     threads: int = 0
@@ -368,18 +368,15 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
 
     from . import __version__, bench_report
     from .budget import BudgetError
-    from .errors import SwapMoEError
-    from .demo import default_model, shipped_checkpoint
+    from .demo import default_model, shipped_heldout
+    from .evaluate import read_texts
     from .gguf_info import read_gguf
 
     if not o.budgets or any(not 0 < b <= 100 for b in o.budgets):
         raise BudgetError(f"bench: budgets must be percentages in (0, 100], got {list(o.budgets)}")
     threads = o.threads or max(1, (os.cpu_count() or 2) // 2)
-    text_name = o.text or str(shipped_checkpoint() / "heldout-macbeth.txt")
-    try:
-        text = Path(text_name).read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise SwapMoEError(f"{text_name}: cannot read: {e.strerror or e}") from None
+    texts = read_texts([o.text] if o.text else [str(p) for p in shipped_heldout()])
+    text_name = Path(o.text).name if o.text else f"held-out stream of {', '.join(texts)}, switching every 3 chunks"
     speed_model = o.speed_model or str(synthetic_model(o.quick))
     quality_model = o.quality_model or str(default_model())
     info = read_gguf(speed_model)
@@ -397,13 +394,13 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
     measured = [r.summary() for r in run_speed(cells, o.rounds)]
     speed = add_bounds([r for r in measured if not r["label"]], prof.read_mb_s)
     types = [r for r in measured if r["label"]]
-    quality = run_quality(quality_model, text, list(o.budgets), ctx=o.eval_ctx, chunks=o.chunks, threads=threads,
+    quality = run_quality(quality_model, texts, list(o.budgets), ctx=o.eval_ctx, chunks=o.chunks, threads=threads,
                           floors=o.floors)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "threads": threads, "rounds": o.rounds, "read_mb_s": round(prof.read_mb_s, 1), "n_predict": o.n_predict, "version": __version__,
             "speed_model": f"{Path(speed_model).name} ({info.total_bytes / 2 ** 30:.2f} GiB, {len(info.moe_layers)} "
                            f"MoE layers x {info.n_expert} experts, top-{info.params.n_expert_used})",
-            "quality_model": Path(quality_model).name, "quality_text": f"{Path(text_name).name}, {o.chunks} chunks "
+            "quality_model": Path(quality_model).name, "quality_text": f"{text_name}, {o.chunks} chunks "
             f"of {o.eval_ctx} tokens", "seconds": round(time.perf_counter() - t0, 1), "options": asdict(o)}
     return bench_report.write(Path(o.out_dir), meta, speed, quality, types)
 

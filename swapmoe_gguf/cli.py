@@ -115,22 +115,20 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 def _cmd_eval(a: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
-    from .demo import default_model
-    from .evaluate import render, run_eval
+    from .demo import default_model, shipped_heldout
+    from .evaluate import read_texts, render, run_eval
 
-    try:
-        text = Path(a.text).read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise SwapMoEError(f"{a.text}: cannot read: {e.strerror or e}") from None
+    if a.switch_every < 1:
+        raise SwapMoEError(f"eval: --switch-every must be at least 1, got {a.switch_every}")
+    texts = read_texts(a.text or [str(p) for p in shipped_heldout()])
     policies = a.policy or ["swapmoe", "static"]
     if a.max_dropped_mass and "swapmoe" not in policies:
         raise SwapMoEError("eval: --max-dropped-mass is a floor for swapmoe; add --policy swapmoe")
-    res = run_eval(a.model or str(default_model()), text, policies=policies, experts_per_layer=a.experts_per_layer,
+    res = run_eval(a.model or str(default_model()), texts, policies=policies, experts_per_layer=a.experts_per_layer,
                    memory_budget=a.memory_budget, ctx=a.ctx_size, chunks=a.chunks,
                    threads=a.threads or max(1, (os.cpu_count() or 2) // 2),
-                   floors=tuple(a.max_dropped_mass or ()))
+                   floors=tuple(a.max_dropped_mass or ()), switch_every=a.switch_every)
     print(render(res))
     return 0
 
@@ -152,7 +150,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     try:
         budgets = tuple(float(x.strip().rstrip("%")) for x in a.budgets.split(",")) if a.budgets else None
     except ValueError:
-        raise SwapMoEError(f"bench: --budgets takes percentages like 100,75,50,35; got {a.budgets!r}") from None
+        raise SwapMoEError(f"bench: --budgets takes percentages like 100,75,50,25; got {a.budgets!r}") from None
     types = None
     if a.types is not None:
         from .converters.quant import out_type
@@ -179,7 +177,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(a.dir, force=a.force)
+    return run_demo(a.dir, force=a.force, memory_budget=a.memory_budget)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the full model")
     ev.add_argument("-m", "--model", default=None, help=".gguf, swap-ready or as downloaded (default: the embedded default model)")
-    ev.add_argument("--text", required=True, help="plain-text file to evaluate on")
+    ev.add_argument("--text", action="append", default=None,
+                    help="plain-text file to evaluate on; repeat for a mixed-domain request stream, one domain per "
+                    "file (default: the embedded model's held-out text of each of its four domains)")
+    ev.add_argument("--switch-every", type=int, default=3,
+                    help="a mixed stream changes domain every this many requests (chunks)")
     ev.add_argument("--policy", action="append", choices=("swapmoe", "static", "exact", "full"),
                     help="policy to evaluate (repeatable; default swapmoe and static); full is the reference")
     ev.add_argument("--memory-budget", default=None)
@@ -251,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap-ready .gguf for speed and memory (default: a 2.4 GiB synthetic MoE built in the cache)")
     b.add_argument("--quality-model", default=None, help="model for quality (default: the embedded default model)")
     b.add_argument("--text", default=None, help="text for quality (default: the default model's held-out play)")
-    b.add_argument("--budgets", default=None, help="percentages of what `full` needs (default 100,75,50,35)")
+    b.add_argument("--budgets", default=None, help="percentages of what `full` needs (default 100,75,50,25)")
     b.add_argument("-n", "--n-predict", type=int, default=None, help="tokens decoded per measured request")
     b.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     b.add_argument("--chunks", type=int, default=None, help="evaluation chunks for quality (default 12)")
@@ -268,8 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scale-budget", default="8GiB", help="the memory budget of the --scale run (default 8GiB)")
     b.set_defaults(func=_cmd_bench)
 
-    d = sub.add_parser("demo", help="the embedded default model (converted once): swapmoe vs static (pruned) "
-                       "side by side, and their held-out perplexity against the full model")
+    d = sub.add_parser("demo", help="the embedded multi-domain model (converted once): full, swapmoe and static "
+                       "(pruned) on the same prompts under one memory budget, and their quality on a held-out "
+                       "mixed-domain request stream")
+    d.add_argument("--memory-budget", default=None,
+                   help="bytes (e.g. 120MiB) or %% of what `full` needs (default: half of the experts resident)")
     d.add_argument("--dir", default=None, help="work directory (default: user cache)")
     d.add_argument("--force", action="store_true", help="rebuild even if cached")
     d.set_defaults(func=_cmd_demo)

@@ -8,7 +8,7 @@ Each record carries the new text, and the running numbers: tokens, timings, memo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from .settings import SamplingSettings
@@ -45,6 +45,11 @@ def stream(llm: Any, *, messages: list[dict[str, str]] | None = None, prompt: st
 
             formatter = ChatFormatter.for_model(llm)
         prompt = formatter.render(messages)
+    cap = _TokenCap(kw["max_tokens"]) if kw.get("max_tokens") else None
+    if cap is not None:
+        from llama_cpp import StoppingCriteriaList
+
+        kw["stopping_criteria"] = StoppingCriteriaList([cap, *(kw.get("stopping_criteria") or [])])
     chunks = llm.create_completion(prompt=prompt, **kw)
     start = llm.telemetry()
     t0 = time.perf_counter()
@@ -57,7 +62,26 @@ def stream(llm: Any, *, messages: list[dict[str, str]] | None = None, prompt: st
         if text:
             first = first or time.perf_counter()
             yield _record(llm, start, text, None, t0, first)
-    yield _record(llm, start, "", finish or "stop", t0, first or time.perf_counter())
+    last = _record(llm, start, "", finish or "stop", t0, first or time.perf_counter())
+    if cap is not None and cap.hit:  # the cap stops after the n-th token was decoded: n generated, not n + 1
+        last = replace(last, finish_reason="length", n_generated=cap.n)
+    yield last
+
+
+class _TokenCap:
+    """Stop at `n` generated tokens exactly, as llama-cli's -n and llama-server's n_predict do:
+    llama-cpp-python skips its max_tokens test while the text ends inside a UTF-8 character, so
+    byte-level tokens could run past it. Called with the tokens so far (prompt + generated, not
+    yet the one just sampled)."""
+
+    def __init__(self, n: int):
+        self.n, self.start, self.hit = n, None, False
+
+    def __call__(self, ids: Any, logits: Any) -> bool:
+        if self.start is None:
+            self.start = len(ids)  # first call: the prompt
+        self.hit = self.hit or len(ids) - self.start >= self.n
+        return self.hit
 
 
 def _record(llm: Any, start: Any, text: str, finish: str | None, t0: float, first: float) -> GenerationRecord:

@@ -176,7 +176,7 @@ class ExactPolicy:
             if self.scheduler is None:  # least recently used first
                 order = lambda s: self.last_used[layer][s]  # noqa: E731
             else:  # least important first (the scheduler's scores)
-                score = self.scheduler.scores[self.scheduler.index[layer]]
+                score = self.scheduler.effective(layer)
                 order = lambda s: score[slots[s]]  # noqa: E731
             victims = sorted((s for s in range(vm.slots) if slots[s] not in keep), key=order)
             for e, slot in zip(missing, victims):
@@ -216,9 +216,9 @@ def calib_chunk(rt: "SwapMoELlama") -> int:
     return max(1, min(CALIB_CHUNK, rt.n_ctx_seq(), len(rt.input_ids)) - 1)
 
 
-def calibrate(rt: "SwapMoELlama", tokens: list[int]) -> dict[int, list[int]]:
-    """Importance over a calibration text (no decay), read in windows of CALIB_CHUNK tokens: every
-    layer's experts, most important first."""
+def calibrate(rt: "SwapMoELlama", tokens: list[int]) -> np.ndarray:
+    """Importance per token over a calibration text (Eq. 1, no decay), read in windows of CALIB_CHUNK
+    tokens. [n_moe_layer, n_expert]"""
     vm = rt.vmodel
     sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
                                 SchedulerConfig(decay=1.0 - 1e-9, interval=1 << 30, quota=0))
@@ -232,4 +232,9 @@ def calibrate(rt: "SwapMoELlama", tokens: list[int]) -> dict[int, list[int]]:
     finally:
         rt.policy, rt.tap.enabled = saved, enabled
         rt.reset()
-    return {l: [int(e) for e in np.argsort(-sched.scores[sched.index[l]], kind="stable")] for l in vm.moe_layers}
+    return sched.scores / max(1, len(tokens))
+
+
+def ranking(rates: np.ndarray, layers: list[int]) -> dict[int, list[int]]:
+    """Every layer's experts, most important first. rates: [n_layer, n_expert]"""
+    return {l: [int(e) for e in np.argsort(-rates[i], kind="stable")] for i, l in enumerate(layers)}

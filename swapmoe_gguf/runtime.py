@@ -35,7 +35,7 @@ from .expert_store import ExpertReadError, StagedExpert
 from .gguf_info import read_gguf
 from .router import FullRouter, RouterBatch, RouterTap
 from .routing import hit_shares
-from .policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calib_chunk, calibrate
+from .policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calib_chunk, calibrate, ranking
 from .scheduler import ImportanceScheduler, SchedulerConfig
 from .telemetry import RssProbe, Telemetry, TelemetrySnapshot
 from .vmodel import VirtualExpertModel
@@ -204,6 +204,7 @@ class SwapMoELlama(Llama):
             n_ubatch = min(n_ubatch, self._lossless_ubatch(self.memory.slots, info.params.n_expert_used))
         self.policy_name = policy
         self.static_rank: dict[int, list[int]] | None = None  # static: calibration order per layer
+        self.calib_rates: np.ndarray | None = None  # importance per token on the calibration text [n_layer, n_expert]
         self.telemetry_ = Telemetry()
         self._rss = RssProbe()
         self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
@@ -230,7 +231,8 @@ class SwapMoELlama(Llama):
                                  verbose=verbose, **kwargs)
             self.flash_attn = flash_attn
             self._probe_routing()
-            if policy == "static" and initial_experts is None:
+            prior = (scheduler or SchedulerConfig()).prior_weight > 0 and policy == "swapmoe"
+            if initial_experts is None and (policy == "static" or prior):
                 self._calibrate(calibration)
             self.tap.enabled = self.policy.observes
         except BaseException:
@@ -270,8 +272,12 @@ class SwapMoELlama(Llama):
                      scheduler: ImportanceScheduler | None = None) -> ResidencyPolicy:
         vm = self.vmodel
         if name == "swapmoe":
-            sched = scheduler or ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
-                                                     cfg or SchedulerConfig())
+            sched = scheduler
+            if sched is None:
+                sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
+                                            cfg or SchedulerConfig())
+                if self.calib_rates is not None and sched.config.prior_weight > 0:
+                    sched.set_prior(self.calib_rates)
             floor = ExactPolicy(self, self.max_dropped_mass, sched) if self.max_dropped_mass < 1.0 else None
             return SwapMoEPolicy(sched, floor)
         if name == "exact":
@@ -279,18 +285,28 @@ class SwapMoELlama(Llama):
         return StaticPolicy() if name == "static" else FullPolicy()
 
     def _calibrate(self, text: str | None) -> None:
-        """`static`: fix each layer's top-S experts by importance over a calibration text."""
+        """Each layer's top-S experts by importance over a calibration text: `static`'s fixed set, and
+        `swapmoe`'s starting set and prior (scheduler.py)."""
         if text is None:
             text = (resources.files("swapmoe_gguf") / "data" / "calibration.txt").read_text(encoding="utf-8")
         from . import calib_cache
 
         vm = self.vmodel
         chunk = calib_chunk(self)
-        self.static_rank = calib_cache.load(vm.info, text, vm.slots, chunk)
-        if self.static_rank is None:
-            self.static_rank = calibrate(self, self.tokenize(text.encode(), add_bos=True))
-            calib_cache.save(vm.info, text, vm.slots, chunk, self.static_rank)
-        for layer, order in self.static_rank.items():
+        rates = calib_cache.load(vm.info, text, vm.slots, chunk)
+        if rates is None:
+            toks = self.tokenize(text.encode(), add_bos=True)
+            log.info("calibrating on %d tokens (once per model, text and S: cached)", len(toks))
+            rates = calibrate(self, toks)
+            calib_cache.save(vm.info, text, vm.slots, chunk, rates)
+        self.calib_rates = rates
+        rank = ranking(rates, vm.moe_layers)
+        if self.policy_name == "static":
+            self.static_rank = rank
+        sched = getattr(self.policy, "scheduler", None)
+        if sched is not None:
+            sched.set_prior(rates)
+        for layer, order in rank.items():
             want = order[: self.vmodel.slots]
             slots = self.vmodel.slot_map[layer]
             free = [s for s, e in enumerate(slots) if e not in want]
@@ -460,7 +476,7 @@ class SwapMoELlama(Llama):
         if self.static_rank is not None:  # static: the calibration's order, whatever S is
             return list(self.static_rank[layer])
         sched = getattr(self.policy, "scheduler", None)
-        score = sched.scores[sched.index[layer]] if sched is not None else np.zeros(vm.n_expert)
+        score = sched.effective(layer) if sched is not None else np.zeros(vm.n_expert)
         norms = vm.info.expert_norms[vm.moe_layers.index(layer)]  # type: ignore[index]
         resident = set(vm.slot_map[layer])
         return sorted(range(vm.n_expert), key=lambda e: (-score[e], e not in resident, -norms[e]))

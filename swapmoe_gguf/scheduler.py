@@ -10,6 +10,12 @@ contributions by `decay`, so the score's memory is about 1 / (1 - decay) tokens.
 Every `interval` tokens (and at each request's prefill) the scheduler proposes up to `quota`
 swaps per layer: the non-resident experts whose score most exceeds the weakest resident ones,
 by at least the factor `margin` (hysteresis: a stationary workload stops swapping).
+
+A calibrated prior (`prior_weight` > 0) adds to every score the expert's importance per token over
+a mixed calibration text, weighted as `prior_weight` windows of average traffic: experts that
+every domain needs form a core that a short burst of other traffic does not evict, and the rest
+follows the requests. With the prior, the scheduler starts from `static`'s set and only swaps what
+the recent tokens clearly favour; without it, from whatever is resident.
 """
 from __future__ import annotations
 
@@ -37,12 +43,14 @@ class SchedulerConfig:
     # finished swaps committed per decode step, on average (spreads the cost: flat p99); below 1, one
     # commit every 1/rate steps: the planner sets it so a prefill's burst of swaps is paced like the rest
     commit_rate: float = 1.0
+    # weight of the calibrated prior, in windows (1 / (1 - decay) tokens) of average traffic; 0: none
+    prior_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}")
         if self.interval < 1 or self.quota < 0 or self.margin < 1.0 or self.observe_every < 1 \
-                or not self.commit_rate > 0:
+                or not self.commit_rate > 0 or self.prior_weight < 0:
             raise ValueError(f"need interval >= 1, quota >= 0, margin >= 1; got {self}")
 
 
@@ -67,7 +75,20 @@ class ImportanceScheduler:
     def __post_init__(self) -> None:
         self.index = {l: i for i, l in enumerate(self.layers)}
         self.scores = np.zeros((len(self.layers), self.n_expert), dtype=np.float64)  # [n_layer, n_expert]
+        self.prior = np.zeros_like(self.scores)                                          # [n_layer, n_expert]
         self._since_update = 0
+
+    def set_prior(self, rate: np.ndarray) -> None:
+        """rate [n_layer, n_expert]: calibrated importance per token (Eq. 1 summed over a calibration
+        text, divided by its tokens); scaled to `prior_weight` windows of the decayed score."""
+        if rate.shape != self.scores.shape:
+            raise ValueError(f"prior of shape {rate.shape}, expected {self.scores.shape}")
+        self.prior = self.config.prior_weight * rate / (1.0 - self.config.decay)
+
+    def effective(self, layer: int) -> np.ndarray:
+        """What the scheduler ranks a layer's experts by: recent importance plus the prior. [n_expert]"""
+        i = self.index[layer]
+        return self.scores[i] + self.prior[i]
 
     def observe(self, layer: int, x_norm: np.ndarray, probs: np.ndarray) -> None:
         """Add one layer's tokens routed by plain top-k of `probs` [n_tok, n_expert] (softmax routers)."""
@@ -94,7 +115,7 @@ class ImportanceScheduler:
 
     def target(self, layer: int, slots: int) -> list[int]:
         """The ideal resident set of a layer: its top-`slots` experts by score."""
-        return sorted(np.argsort(-self.scores[self.index[layer]], kind="stable")[:slots].tolist())
+        return sorted(np.argsort(-self.effective(layer), kind="stable")[:slots].tolist())
 
     def propose(self, resident: dict[int, list[int]], busy: set[tuple[int, int]] = frozenset(),
                 quota: int | None = None) -> list[Swap]:
@@ -104,7 +125,7 @@ class ImportanceScheduler:
         q = self.config.quota if quota is None else quota
         out: list[Swap] = []
         for layer, slots in resident.items():
-            s = self.scores[self.index[layer]]
+            s = self.effective(layer)
             res = set(slots)
             # weakest resident first, strongest outsider first
             free = sorted((i for i in range(len(slots)) if (layer, i) not in busy), key=lambda i: s[slots[i]])

@@ -137,7 +137,7 @@ def _pick(cls: type, ns: argparse.Namespace) -> Any:
 
 def model_settings(ns: argparse.Namespace) -> ModelSettings:
     s = _pick(ModelSettings, ns)
-    s.verbose = bool(getattr(ns, "verbose", 0) and ns.verbose > 1)
+    s.verbose = bool(getattr(ns, "verbose", 0) and ns.verbose >= 1)  # -v: llama.cpp's own log lines too, through logging
     return s
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from swapmoe_gguf.bench_report import targets
+from swapmoe_gguf.bench_report import domain_table, quality_targets, targets
 from swapmoe_gguf.benchmark import _percentile, slots_for
 
 
@@ -78,6 +78,26 @@ def test_bench_bad_input_is_one_line(tmp_path, args, message):
 def test_helpers():
     assert [slots_for(p, 16, 2) for p in (100, 75, 50, 35, 5)] == [16, 12, 8, 6, 2]
     assert _percentile([1.0, 2.0, 3.0, 4.0, 100.0], 50) == 3.0 and _percentile([5.0], 99) == 5.0
+
+
+def test_quality_targets_of_issue_13():
+    def row(policy, pct, kl, ppl):
+        return {"policy": policy, "budget_pct": pct, "kl": kl, "ppl": ppl, "max_dropped_mass": 1.0,
+                "domains": [{"domain": "c", "kl": kl, "ppl": ppl}, {"domain": "python", "kl": kl / 2, "ppl": ppl}]}
+
+    rows = [row("full", 100, 0.0, 10.0), row("swapmoe", 75, 0.02, 10.1), row("static", 75, 0.01, 10.1),
+            row("swapmoe", 50, 0.05, 10.2), row("static", 50, 0.4, 14.0),
+            row("swapmoe", 25, 0.5, 16.0), row("static", 25, 0.8, 20.0)]
+    lines = quality_targets(rows)
+    assert lines[0] == "quality, KL swapmoe/static at every budget: 2.00 at 75%, 0.12 at 50%, 0.62 at 25% (target <= 1: missed)"
+    assert lines[1] == ("quality at 50% of the experts: KL swapmoe/static = 0.12 (target <= 0.25: met); "
+                        "perplexity increase swapmoe/static = 0.05 (target <= 0.25: met)")
+    assert lines[2] == "quality at 25% of the experts: KL swapmoe/static = 0.62 (target <= 0.5: missed)"
+    assert quality_targets(rows[:1]) == []
+    table = domain_table(rows).splitlines()
+    assert table[0] == "| policy | share of experts | c: KL (ppl) | python: KL (ppl) |"
+    assert table[5] == "| swapmoe | 50% | 0.0500 (10.20) | 0.0250 (10.20) |"
+    assert domain_table([{**rows[0], "domains": []}]) == ""
 
 
 def test_scale_checks_free_disk_before_writing(tmp_path, monkeypatch):

@@ -123,3 +123,20 @@ def test_ctrl_c_stops_an_answer_not_the_chat(model):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_n_predict_is_exact_inside_a_utf8_character(model):
+    """-n counts tokens as llama-cli does, also while the text ends inside a UTF-8 character (where
+    llama-cpp-python's own max_tokens test is skipped): a bias forcing a 3-byte lead byte forever."""
+    from swapmoe_gguf.generate import stream
+    from swapmoe_gguf.runtime import SwapMoELlama
+    from swapmoe_gguf.settings import SamplingSettings
+
+    llm = SwapMoELlama(model, policy="static", experts_per_layer=3, n_ctx=256, n_threads=1, verbose=False)
+    try:
+        lead = next(i for i in range(llm.n_vocab()) if llm.detokenize([i]) == b"\xe2")
+        recs = list(stream(llm, prompt="tell me", sampling=SamplingSettings(n_predict=10, temp=0.0),
+                           logit_bias={lead: 100.0}))
+    finally:
+        llm.close()
+    assert recs[-1].finish_reason == "length" and recs[-1].n_generated == 10

@@ -11,14 +11,37 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "swap-ready:            yes, every expert slice page-aligned" in out
-    assert "5 of 16 per layer" in out
-    assert "--- swapmoe: 5 of 16 experts resident per layer ---" in out
-    assert "--- static: 5 of 16 experts resident per layer ---" in out
-    ppl = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| (full|swapmoe|static) \| \d+/16 \| ([\d.]+) \|",
-                                                               out, re.M)}
-    assert set(ppl) == {"full", "swapmoe", "static"}
-    # learned routing: the full model is best, and dropping two thirds of the experts costs perplexity
-    assert ppl["full"] < ppl["swapmoe"] and ppl["full"] < ppl["static"]
-    assert ppl["full"] < 60  # the trained model, not noise (held-out perplexity ~38)
-    again = run_cli("demo", "--dir", tmp_path, timeout=600)  # cached: no second conversion
-    assert again.returncode == 0 and "converting" not in again.stdout + again.stderr
+    assert re.search(r"^memory budget [\d.]+ MiB = \d+% of the [\d.]+ MiB `full` needs \(the default\): "
+                     r"16 of 32 experts per layer resident", out, re.M)
+    # the same two prompts, greedy, under each policy; [n/40]: agreement with full's next-token choice
+    agree = {}
+    for domain in ("shakespeare", "python"):
+        block = out.split(f"=== a {domain} request, greedy, 40 tokens")[1].split("\n\n")[0]
+        assert re.search(r"^ +full \| ", block, re.M)
+        for policy in ("swapmoe", "static"):
+            m = re.search(rf"^ +{policy} \| .*\[(\d+)/40\]$", block, re.M)
+            assert m, block
+            agree[policy, domain] = int(m.group(1))
+    assert all(0 <= v <= 40 for v in agree.values())
+    stats = dict(re.findall(r"^\| (full|swapmoe|static) \| (\d+/32) \|", out, re.M))
+    assert stats == {"full": "32/32", "swapmoe": "16/32", "static": "16/32"}
+    assert re.search(r"^\| swapmoe \| 16/32 \| 10.1 MiB \| [\d.]+% \| [1-9]\d* \|", out, re.M)  # it swapped
+    assert re.search(r"^\| static \| 16/32 \| 10.1 MiB \| - \| 0 \|", out, re.M)                # never
+    sets = {p: line for p, line in re.findall(r"^(swapmoe|static) resident in layer 0 after each request: (.*)$",
+                                              out, re.M)}
+    first, second = sets["static"].split(" -> ")
+    assert first == second and len(first.strip("[]").split(",")) == 16
+    # the mixed-domain stream, per policy and per domain
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
+        r"^\| (full|swapmoe|static) \| \d+/32 \| ([\d.]+) \| ([\d.]+) \|", out, re.M)}
+    assert set(rows) == {"full", "swapmoe", "static"} and rows["full"][1] == 0.0
+    # learned routing: the full model is best, and half the experts cost perplexity
+    assert rows["full"][0] < rows["swapmoe"][0] and rows["full"][0] < rows["static"][0]
+    assert rows["full"][0] < 40  # the trained model, not noise (mixed stream: ~24)
+    # the claim, with room for run-to-run variation (measured KL 0.21-0.23 vs 0.55)
+    assert rows["swapmoe"][1] < 0.7 * rows["static"][1]
+    assert "| policy | experts/layer | c | python | shakespeare | wikitext |" in out
+    again = run_cli("demo", "--dir", tmp_path, "--memory-budget", "1MiB", timeout=600)
+    assert again.returncode == 2 and "converting" not in again.stdout + again.stderr  # cached: no second conversion
+    assert again.stderr.strip().startswith("swapmoe: error: memory budget 1.0 MiB is below the minimum")
+    assert len(again.stderr.strip().splitlines()) == 1

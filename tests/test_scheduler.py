@@ -77,3 +77,27 @@ def test_busy_slots_are_left_alone_and_margin_holds():
     assert sched.propose({0: [0, 1]}, busy={(0, 0)})[0].slot == 1
     sched.scores[0] = [1.0, 1.5, 1.9, 0.1]   # 1.9 < 2.0 x 1.0: hysteresis, no swap
     assert sched.propose({0: [0, 1]}) == []
+
+
+def test_calibrated_prior_keeps_the_core_through_a_burst_and_yields_to_a_shift():
+    """A core expert (3) that the calibration text rates highly survives a short burst of traffic on
+    other experts that would evict it without the prior; a sustained shift still moves the set."""
+    rng = np.random.default_rng(1)
+    rate = np.full((1, N), 0.01)
+    rate[0, [3, 7, 11, 12]] = 0.2  # the calibration's top-4, at about their share of real traffic
+    kept = {}
+    for weight in (0.0, 0.5):
+        sched = ImportanceScheduler([0], N, K, np.ones((1, N)),
+                                    SchedulerConfig(decay=0.9, interval=4, quota=2, prior_weight=weight))
+        sched.set_prior(rate)
+        resident = {0: [3, 7, 11, 12]}
+        _run(sched, resident, _trace(rng, [7, 11, 12, 3], 100), 2)
+        _run(sched, resident, _trace(rng, [0, 1, 2, 5], 12), 2)  # a burst: 12 tokens
+        kept[weight] = set(resident[0]) & {3, 7, 11, 12}
+        _run(sched, resident, _trace(rng, [0, 1, 2, 5], 400), 2)  # a new topic for good
+        assert len(set(resident[0]) & {0, 1, 2, 5}) >= 2, (weight, resident)
+    assert len(kept[0.5]) > len(kept[0.0])
+    with pytest.raises(ValueError, match="shape"):
+        ImportanceScheduler([0], N, K, np.ones((1, N))).set_prior(np.ones((2, N)))
+    with pytest.raises(ValueError):
+        SchedulerConfig(prior_weight=-1)
