@@ -88,8 +88,10 @@ def run_demo(directory: str | None, force: bool = False, memory_budget: str | No
     n = info.n_expert
     threads = min(4, os.cpu_count() or 1)
     kw = dict(n_ctx=512, n_threads=threads, n_threads_batch=threads, seed=1, verbose=False)
-    # Default: half of the experts; a --memory-budget (bytes or % of what `full` needs) picks S instead.
-    size = dict(memory_budget=memory_budget) if memory_budget else dict(experts_per_layer=n // 2)
+    # Default: half of the experts; a --memory-budget (bytes or % of what `full` needs) picks S for
+    # swapmoe, and static gets the same S (each model measures the process anew: the interpreter has
+    # grown a little by then, and pruning must not be compared at a smaller S).
+    size: dict = dict(memory_budget=memory_budget) if memory_budget else dict(experts_per_layer=n // 2)
     texts: dict[str, list[int]] = {}
     pieces: dict[str, str] = {}
     agree: dict[str, int] = {}
@@ -101,10 +103,11 @@ def run_demo(directory: str | None, force: bool = False, memory_budget: str | No
             mem = llm.memory
             if policy == "swapmoe":
                 slots = llm.vmodel.slots
-                print(f"\nmemory budget {fmt(mem.total())} = {100 * mem.total() / mem.total(n):.0f}% of the "
-                      f"{fmt(mem.total(n))} `full` needs ({memory_budget or 'the default'}): {slots} of {n} experts per "
-                      f"layer resident, {fmt(slots * mem.per_slot)} of {fmt(n * mem.per_slot)} of expert weights;"
-                      f"\nthe rest is fixed: {mem.parts(0).rsplit(' + ', 1)[0]}")
+                size = dict(experts_per_layer=slots)
+                print(f"\nmemory budget {memory_budget or '(default) half of the experts'}: {slots} of {n} experts "
+                      f"per layer resident, {fmt(slots * mem.per_slot)} of {fmt(n * mem.per_slot)} of expert weights; "
+                      f"the process plans {fmt(mem.total())} = {100 * mem.total() / mem.total(n):.0f}% of the "
+                      f"{fmt(mem.total(n))} `full` needs;\nthe rest is fixed: {mem.parts(0).rsplit(' + ', 1)[0]}")
             first_layer = llm.vmodel.moe_layers[0]
             sets = []
             for domain, prompt in PROMPTS:

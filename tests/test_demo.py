@@ -11,8 +11,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "swap-ready:            yes, every expert slice page-aligned" in out
-    assert re.search(r"^memory budget [\d.]+ MiB = \d+% of the [\d.]+ MiB `full` needs \(the default\): "
-                     r"16 of 32 experts per layer resident", out, re.M)
+    assert re.search(r"^memory budget \(default\) half of the experts: 16 of 32 experts per layer resident, "
+                     r"10.1 MiB of 20.2 MiB of expert weights; the process plans [\d.]+ MiB = \d+% of the", out, re.M)
     # the same two prompts, greedy, under each policy; [n/40]: agreement with full's next-token choice
     agree = {}
     for domain in ("shakespeare", "python"):
@@ -41,6 +41,12 @@ def test_demo_runs_end_to_end(tmp_path):
     # the claim, with room for run-to-run variation (measured KL 0.21-0.23 vs 0.55)
     assert rows["swapmoe"][1] < 0.7 * rows["static"][1]
     assert "| policy | experts/layer | c | python | shakespeare | wikitext |" in out
+    # a budget (bytes or %) picks S for swapmoe, and static runs at that same S
+    sized = run_cli("demo", "--dir", tmp_path, "--memory-budget", "99%", timeout=600)
+    assert sized.returncode == 0, sized.stderr
+    m = re.search(r"^memory budget 99%: (\d+) of 32 experts per layer resident", sized.stdout, re.M)
+    assert m and 4 <= int(m.group(1)) < 32, sized.stdout[:2000]
+    assert len(set(re.findall(r"^\| (?:swapmoe|static) \| (\d+)/32 \|", sized.stdout, re.M))) == 1
     again = run_cli("demo", "--dir", tmp_path, "--memory-budget", "1MiB", timeout=600)
     assert again.returncode == 2 and "converting" not in again.stdout + again.stderr  # cached: no second conversion
     assert again.stderr.strip().startswith("swapmoe: error: memory budget 1.0 MiB is below the minimum")
