@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-m", "--model", default=None,
                    help="swap-ready .gguf for speed and memory (default: a 2.4 GiB synthetic MoE built in the cache)")
     b.add_argument("--quality-model", default=None, help="model for quality (default: the embedded default model)")
-    b.add_argument("--text", default=None, help="text for quality (default: the default model's held-out play)")
+    b.add_argument("--text", default=None, help="text for quality (default: the default model's held-out mixed-domain stream)")
     b.add_argument("--budgets", default=None, help="percentages of what `full` needs (default 100,75,50,25)")
     b.add_argument("-n", "--n-predict", type=int, default=None, help="tokens decoded per measured request")
     b.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
