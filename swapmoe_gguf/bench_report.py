@@ -185,10 +185,10 @@ def render(meta: dict, speed: list[dict], quality: list[dict], types: list[dict]
                      "process (peak RSS = its VmHWM). Bound: `full`'s time per token plus the cell's bytes read "
                      f"per token at {meta.get('read_mb_s', '?')} MB/s (this device's profile).\n\n{speed_table(speed)}\n")
     if quality:
+        per_domain = domain_table(quality)
         parts.append(f"## Quality: {meta['quality_model']}\n\n{meta['quality_text']}; each chunk a request "
                      f"(first half prompt, second half decoded and scored); KL(full || policy).\n\n"
-                     f"{quality_table(quality)}\n" + (f"\nPer domain:\n\n{domain_table(quality)}\n"
-                                                      if domain_table(quality) else ""))
+                     f"{quality_table(quality)}\n" + (f"\nPer domain:\n\n{per_domain}\n" if per_domain else ""))
     if types:
         parts.append("## Stock speed by quant type\n\nEvery expert resident (`full`) against plain llama-cpp-python "
                      "on the same file (Mixtral-shaped, random weights), page cache kept: ggml-cpu repacks these "

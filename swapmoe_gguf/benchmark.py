@@ -264,7 +264,7 @@ def slots_for(pct: float, n_expert: int, top_k: int) -> int:
 
 
 def run_quality(model: str, text: "str | dict[str, str]", budgets: list[float], *, ctx: int, chunks: int,
-                threads: int, floors: tuple[float, ...] = (), switch_every: int = 3) -> list[dict]:
+                threads: int, floors: tuple[float, ...] = ()) -> list[dict]:
     from .evaluate import run_eval_cells
     from .gguf_info import read_gguf
 
@@ -273,7 +273,7 @@ def run_quality(model: str, text: "str | dict[str, str]", budgets: list[float], 
     cells = [(p, slots_for(b, n, k), b, 1.0) for b in budgets if slots_for(b, n, k) < n for p in SPEED_POLICIES]
     cells += [("swapmoe", slots_for(b, n, k), b, t) for b in budgets if slots_for(b, n, k) < n for t in floors]
     res = run_eval_cells(model, text, [(p, s, None, t) for p, s, _, t in cells], ctx=ctx, chunks=chunks,
-                         threads=threads, switch_every=switch_every)
+                         threads=threads)
     rows = [asdict(res[0]) | {"budget_pct": 100.0}]
     rows += [asdict(r) | {"budget_pct": b} for r, (_, _, b, _) in zip(res[1:], cells)]
     return rows
@@ -369,14 +369,15 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
     from . import __version__, bench_report
     from .budget import BudgetError
     from .demo import default_model, shipped_heldout
-    from .evaluate import read_texts
+    from .evaluate import SWITCH_EVERY, read_texts
     from .gguf_info import read_gguf
 
     if not o.budgets or any(not 0 < b <= 100 for b in o.budgets):
         raise BudgetError(f"bench: budgets must be percentages in (0, 100], got {list(o.budgets)}")
     threads = o.threads or max(1, (os.cpu_count() or 2) // 2)
     texts = read_texts([o.text] if o.text else [str(p) for p in shipped_heldout()])
-    text_name = Path(o.text).name if o.text else f"held-out stream of {', '.join(texts)}, switching every 3 chunks"
+    text_name = (Path(o.text).name if o.text
+                 else f"held-out stream of {', '.join(texts)}, switching every {SWITCH_EVERY} chunks")
     speed_model = o.speed_model or str(synthetic_model(o.quick))
     quality_model = o.quality_model or str(default_model())
     info = read_gguf(speed_model)

@@ -3,8 +3,9 @@
 Calibrating runs the whole calibration text through the model (70 s for the 48-layer synthetic model
 in issue #14's measurement) and gives the same ranking every time for the same inputs, so it is done
 once and kept next to the device profiles (`~/.cache/swapmoe-gguf/calibration/`): each expert's
-importance per token [n_moe_layer, n_expert]. The key holds what it depends on: the file's identity (size, mtime, a hash of its first MiB), the text, the
-slot count S (calibration routes among the S experts resident while it runs) and a format version.
+importance per token [n_moe_layer, n_expert]. The key holds what it depends on: the file's
+identity (size, mtime, a hash of its first MiB), the text, the slot count S (calibration routes
+among the S experts resident while it runs) and a format version.
 A cache that is unreadable or for other inputs is ignored (and rewritten).
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import SwapMoEError
-from .settings import add_model_args, add_sampling_args, add_server_args, dropped_mass
+from .settings import SWITCH_EVERY, add_model_args, add_sampling_args, add_server_args, dropped_mass
 
 log = logging.getLogger("swapmoe_gguf")
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", action="append", default=None,
                     help="plain-text file to evaluate on; repeat for a mixed-domain request stream, one domain per "
                     "file (default: the embedded model's held-out text of each of its four domains)")
-    ev.add_argument("--switch-every", type=int, default=3,
+    ev.add_argument("--switch-every", type=int, default=SWITCH_EVERY,
                     help="a mixed stream changes domain every this many requests (chunks)")
     ev.add_argument("--policy", action="append", choices=("swapmoe", "static", "exact", "full"),
                     help="policy to evaluate (repeatable; default swapmoe and static); full is the reference")

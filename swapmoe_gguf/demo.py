@@ -63,15 +63,15 @@ def _one_line(text: str, width: int = 96) -> str:
 def _agreement(llm: "SwapMoELlama", prompt: list[int], ref: list[int]) -> int:
     """At how many positions of `ref` (full's greedy answer to `prompt`) this model's greedy choice is
     full's, fed `ref` one token at a time (a decode step each, so the scheduler acts as it would)."""
-    import llama_cpp
     import numpy as np
+
+    from .evaluate import last_logits
 
     llm.reset()
     llm.eval(prompt)
     hits = 0
     for tok in ref:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
-        hits += int(np.argmax(logits) == tok)
+        hits += int(np.argmax(last_logits(llm)) == tok)
         llm.eval([tok])
     return hits
 

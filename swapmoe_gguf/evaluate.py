@@ -21,6 +21,8 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from .settings import SWITCH_EVERY
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -95,7 +97,7 @@ def read_texts(paths: list[str]) -> dict[str, str]:
 
 
 def stream_chunks(llm: Any, texts: Mapping[str, str], ctx: int, chunks: int | None,
-                  switch_every: int = 3) -> list[Chunk]:
+                  switch_every: int = SWITCH_EVERY) -> list[Chunk]:
     """The request stream: `chunks` in all (split evenly between the domains), each domain's taken
     evenly through its text, interleaved `switch_every` at a time."""
     if switch_every < 1:
@@ -111,10 +113,14 @@ def stream_chunks(llm: Any, texts: Mapping[str, str], ctx: int, chunks: int | No
     return out
 
 
+def last_logits(llm: Any) -> np.ndarray:
+    """The logits of the last evaluated position, read in place. [n_vocab]"""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def score(llm: Any, chunks: list[Chunk]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Log-probabilities of the second half of every chunk: per chunk, (NLL per scored token
     [n_scored], [n_scored, vocab])."""
-    n_vocab = llm.n_vocab()
     nlls: list[np.ndarray] = []
     logps: list[np.ndarray] = []
     for chunk in chunks:
@@ -125,8 +131,7 @@ def score(llm: Any, chunks: list[Chunk]) -> tuple[list[np.ndarray], list[np.ndar
         llm.eval(toks[:half])
         rows = []
         for i in range(half, len(toks)):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
-            lp = _log_softmax(logits.astype(np.float64))
+            lp = _log_softmax(last_logits(llm).astype(np.float64))
             rows.append(lp.astype(np.float32))
             nll.append(-float(lp[toks[i]]))
             if i + 1 < len(toks):
@@ -159,10 +164,11 @@ def evaluate(llm: Any, chunks: list[Chunk],
         return None if parts is None else float(np.mean(np.concatenate([parts[i] for i in idx])))
 
     every = list(range(len(chunks)))
-    names = list(dict.fromkeys(c.domain for c in chunks))
+    by_domain: dict[str, list[int]] = {}
+    for i, c in enumerate(chunks):
+        by_domain.setdefault(c.domain, []).append(i)
     per = tuple(DomainScore(d, len(idx), float(math.exp(mean(nlls, idx))), mean(kls, idx), mean(agrees, idx))
-                for d in names for idx in [[i for i, c in enumerate(chunks) if c.domain == d]]) \
-        if len(names) > 1 else ()
+                for d, idx in by_domain.items()) if len(by_domain) > 1 else ()
     dec = after.decode_seconds - before.decode_seconds
     return EvalResult(llm.policy_name, llm.vmodel.slots, llm.vmodel.n_expert, len(chunks),
                       int(sum(n.size for n in nlls)), float(math.exp(mean(nlls, every))), mean(kls, every),
@@ -174,7 +180,7 @@ def evaluate(llm: Any, chunks: list[Chunk],
 
 def run_eval(path: str, text: str | Mapping[str, str], *, policies: list[str], experts_per_layer: int | None,
              memory_budget: str | None, ctx: int = 256, chunks: int | None = 16, threads: int = 2,
-             floors: tuple[float, ...] = (), switch_every: int = 3) -> list[EvalResult]:
+             floors: tuple[float, ...] = (), switch_every: int = SWITCH_EVERY) -> list[EvalResult]:
     """`full` first (the reference), then each policy (swapmoe also with each quality floor), one model
     at a time."""
     cells: list[tuple] = []
@@ -188,7 +194,7 @@ def run_eval(path: str, text: str | Mapping[str, str], *, policies: list[str], e
 
 def run_eval_cells(path: str, text: str | Mapping[str, str], cells: list[tuple], *,
                    ctx: int = 256, chunks: int | None = 16, threads: int = 2,
-                   switch_every: int = 3) -> list[EvalResult]:
+                   switch_every: int = SWITCH_EVERY) -> list[EvalResult]:
     """`full` (the reference), then each (policy, S, memory budget[, max dropped mass]) cell on the
     same tokens: one text, or a mixed stream of several (name -> text)."""
     from .runtime import SwapMoELlama

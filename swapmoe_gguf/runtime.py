@@ -276,7 +276,7 @@ class SwapMoELlama(Llama):
             if sched is None:
                 sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
                                             cfg or SchedulerConfig())
-                if self.calib_rates is not None and sched.config.prior_weight > 0:
+                if self.calib_rates is not None:  # a live budget change: the calibration already made
                     sched.set_prior(self.calib_rates)
             floor = ExactPolicy(self, self.max_dropped_mass, sched) if self.max_dropped_mass < 1.0 else None
             return SwapMoEPolicy(sched, floor)

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from .server import ServerSettings
 
 
+SWITCH_EVERY = 3  # `eval`/`bench`: a mixed-domain stream's requests per topic before it switches
+
 @dataclass
 class ModelSettings:
     model: str | None = None            # None: the embedded default model
