@@ -2,7 +2,8 @@
 
 For each recipe: llama.cpp's own converter writes a tiny random MoE GGUF; stock llama-cpp-python
 runs it; `swapmoe convert` re-lays it out; SwapMoELlama `full` must equal stock bit for bit,
-`exact` (4 of 8 experts per layer, micro-batches of S // k tokens) must match stock decoded one token at a time, and `swapmoe` /
+`exact` (4 of 8 experts per layer; a prompt in one graph with its missing experts computed outside it, or
+micro-batches of S // k tokens where that FFN is not reproduced) must match stock decoded one token at a time, and `swapmoe` /
 `static` at 4 experts per layer must run and give finite logits. Each run is its own process
 (llama.cpp may abort on what it does not support).
 
@@ -173,7 +174,8 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["exact"] and r["exact_diff"] is not None:
-            ex = f"{r['exact_diff']:.3g} ({r['exact_last_diff']:.3g})"
+            how = "one graph" if r.get("exact_info", {}).get("streams") else "S // k"
+            ex = f"{r['exact_diff']:.3g} ({r['exact_last_diff']:.3g}), {how}"
         else:
             ex = _cell(r["exact"])
         sw = f"{_cell(r['swapmoe'])} / {_cell(r['static'])}"
@@ -213,8 +215,10 @@ away from their initial values and routers scaled by 4, so their handling is rea
 Columns: *stock runs*: `llama_cpp.Llama` on the converted file; *full bit-exact*: `SwapMoELlama(policy="full")`
 on the `swapmoe convert` re-layout vs stock, all positions of {len(zoo.PROMPTS)} prompts (max |diff|);
 *exact*: `policy="exact"` with {zoo.EXPERTS_PER_LAYER} of 8 experts per layer vs stock decoding one
-token at a time (n_batch=1) while `exact` runs micro-batches of S // k = 2 tokens (so the diff is float
-rounding of routing weights and batch sizes), max |diff| over all positions (last token in brackets); *swapmoe / static*:
+token at a time (n_batch=1) while `exact` runs each prompt in one graph, its missing experts computed
+outside it (*one graph*), or, where `expert_compute.py` does not reproduce the expert FFN, in
+micro-batches of S // k = 2 tokens (*S // k*), so the diff is float rounding of routing weights and
+batch sizes; max |diff| over all positions (last token in brackets); *swapmoe / static*:
 {zoo.EXPERTS_PER_LAYER} experts per layer, the run finishes with finite logits.
 
 {table(rows)}

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SPEED_POLICIES = ("static", "exact", "swapmoe")
 PROMPT_TOKENS = 64
+LONG_PROMPT_TOKENS = 448  # a second, prefill-only request (as llama-bench's pp512, within n_ctx 512)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class SpeedCell:
     drop_cache: bool = True  # drop the file's pages before the measured request (misses go to disk)
     max_dropped_mass: float = 1.0  # swapmoe's quality floor (1: none)
     budget: str = ""         # an absolute budget ("8GiB") instead of budget_pct
+    long_prompt: bool = True  # also time a prefill-only request of LONG_PROMPT_TOKENS
 
     @property
     def memory_budget(self) -> str:
@@ -64,6 +66,8 @@ class SpeedResult:
     n_expert: int | None = None
     decode_tok_s: list[float] = field(default_factory=list)   # one per round
     prefill_tok_s: list[float] = field(default_factory=list)
+    prefill_long_tok_s: list[float] = field(default_factory=list)   # the long prompt's prefill
+    prefill_read_bytes: list[float] = field(default_factory=list)   # read from disk during the short prompt
     ttft_ms: list[float] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)         # every decode step of every round
     peak_rss: list[int] = field(default_factory=list)
@@ -81,7 +85,8 @@ class SpeedResult:
                 "max_dropped_mass": self.max_dropped_mass,
                 "repacked_tensors": self.repacked_tensors, "experts_per_layer": self.experts_per_layer,
                 "n_expert": self.n_expert, "decode_tok_s": med(self.decode_tok_s),
-                "prefill_tok_s": med(self.prefill_tok_s), "ttft_ms": med(self.ttft_ms), "p50_ms": pct(50),
+                "prefill_tok_s": med(self.prefill_tok_s), "prefill_long_tok_s": med(self.prefill_long_tok_s),
+                "prefill_read_bytes": med(self.prefill_read_bytes), "ttft_ms": med(self.ttft_ms), "p50_ms": pct(50),
                 "p99_ms": pct(99), "peak_rss": peak, "budget_bytes": self.budget_bytes,
                 "within_budget": None if peak is None or self.budget_bytes is None else peak <= self.budget_bytes,
                 "disk_bytes_per_token": med(self.disk_bytes_per_token), "hit_rate": med(self.hit_rate),
@@ -162,6 +167,7 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
         if len(toks) < PROMPT_TOKENS + cell.n_predict + 24:
             raise SwapMoEError(f"bench text has {len(toks)} tokens; -n {cell.n_predict} needs "
                                f"{PROMPT_TOKENS + cell.n_predict + 24}")
+        long_prompt = toks[: min(LONG_PROMPT_TOKENS, cell.n_ctx - 8, len(toks) - 24)]
         prompt, follow = toks[:PROMPT_TOKENS], toks[PROMPT_TOKENS:PROMPT_TOKENS + cell.n_predict]
         llm.reset()  # a warm-up request first, as a server has had: another part of the text
         llm.eval(toks[-24:-8])
@@ -170,6 +176,7 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
         llm.reset()
         if cell.drop_cache:
             _drop_page_cache(cell.model)
+        io_p = _disk_read_bytes()
         t0 = time.perf_counter()
         llm.eval(prompt)
         ttft = time.perf_counter() - t0  # the first token's logits are ready
@@ -181,8 +188,18 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
             llm.eval([tok])
             steps.append(time.perf_counter() - t1)
         io1 = _disk_read_bytes()
+        long_s = None
+        if cell.long_prompt:  # then a long prompt alone (prefill throughput), the file's pages dropped again
+            llm.reset()
+            if cell.drop_cache:
+                _drop_page_cache(cell.model)
+            t2 = time.perf_counter()
+            llm.eval(long_prompt)
+            long_s = time.perf_counter() - t2
         out: dict[str, Any] = {
             "decode_tok_s": len(steps) / sum(steps), "prefill_tok_s": len(prompt) / ttft, "ttft_ms": 1e3 * ttft,
+            "prefill_long_tok_s": None if long_s is None else len(long_prompt) / long_s,
+            "prefill_read_bytes": None if io_p is None or io0 is None else io0 - io_p,
             "step_ms": [1e3 * s for s in steps], "peak_rss": _vm_hwm(),
             "disk_bytes_per_token": None if io0 is None or io1 is None else (io1 - io0) / len(steps),
             "budget_bytes": full_bytes, "n_expert": info.n_expert, "experts_per_layer": info.n_expert}
@@ -250,8 +267,8 @@ def run_speed(cells: list[SpeedCell], rounds: int, timeout: float = 900) -> list
                 continue
             res.experts_per_layer, res.n_expert = out["experts_per_layer"], out["n_expert"]
             res.budget_bytes, res.repacked_tensors = out["budget_bytes"], out.get("repacked_tensors")
-            for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss", "disk_bytes_per_token",
-                      "hit_rate", "swaps_per_token"):
+            for k in ("decode_tok_s", "prefill_tok_s", "prefill_long_tok_s", "prefill_read_bytes", "ttft_ms",
+                      "peak_rss", "disk_bytes_per_token", "hit_rate", "swaps_per_token"):
                 if out.get(k) is not None:
                     getattr(res, k).append(out[k])
             res.step_ms.extend(out["step_ms"])
@@ -397,10 +414,17 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
     types = [r for r in measured if r["label"]]
     quality = run_quality(quality_model, texts, list(o.budgets), ctx=o.eval_ctx, chunks=o.chunks, threads=threads,
                           floors=o.floors)
+    qinfo = read_gguf(quality_model)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-            "threads": threads, "rounds": o.rounds, "read_mb_s": round(prof.read_mb_s, 1), "n_predict": o.n_predict, "version": __version__,
+            "threads": threads, "rounds": o.rounds, "read_mb_s": round(prof.read_mb_s, 1), "n_predict": o.n_predict,
+            "prompt_tokens": PROMPT_TOKENS, "long_prompt_tokens": min(LONG_PROMPT_TOKENS, o.n_ctx - 8),
+            "version": __version__,
             "speed_model": f"{Path(speed_model).name} ({info.total_bytes / 2 ** 30:.2f} GiB, {len(info.moe_layers)} "
                            f"MoE layers x {info.n_expert} experts, top-{info.params.n_expert_used})",
+            # what floor_targets needs to price the trained model's on-demand loads on the synthetic model
+            "speed_shape": {"moe_layers": len(info.moe_layers), "top_k": info.params.n_expert_used,
+                            "expert_bytes": info.expert_bytes},
+            "quality_shape": {"moe_layers": len(qinfo.moe_layers), "top_k": qinfo.params.n_expert_used},
             "quality_model": Path(quality_model).name, "quality_text": f"{text_name}, {o.chunks} chunks "
             f"of {o.eval_ctx} tokens", "seconds": round(time.perf_counter() - t0, 1), "options": asdict(o)}
     return bench_report.write(Path(o.out_dir), meta, speed, quality, types)

@@ -103,7 +103,7 @@ class MemoryPlan:
 
 def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None = None, logits_all: bool = False,
              staging_buffers: int = 2, baseline: int | None = None, kv_bytes_per_elem: int = 2,
-             flash_attn: bool = True) -> MemoryPlan:
+             flash_attn: bool = True, streams: bool = False) -> MemoryPlan:
     p = info.params
     n_ub = min(n_ubatch or n_batch, n_batch)
     per_layer = {l: sum(t.expert_nbytes for t in info.layer_expert_tensors(l)) for l in info.moe_layers}
@@ -124,7 +124,11 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None =
     # The router tap copies each MoE layer's router input of a micro-batch to numpy (all layers of
     # one decode call are held until it returns) and scores it: logits, softmax and temporaries.
     tap = 4 * n_ub * len(per_layer) * (p.n_embd + 4 * p.n_expert)
-    compute = int(1.15 * inter) + outputs + tap + (8 << 20)
+    # `exact` and the floor compute a prompt's missing experts outside the graph (`streams`): per
+    # expert its input rows, gate/up/activation and output, then the layer's output read, summed and
+    # written back (policies.ExactPolicy, expert_compute.py), plus ggml's graph overhead
+    stream = 4 * n_ub * (6 * p.n_embd + 4 * p.n_ff_exp) + (2 << 20) if streams else 0
+    compute = int(1.15 * inter) + outputs + tap + stream + (8 << 20)
     return MemoryPlan(
         baseline=psutil.Process().memory_info().rss if baseline is None else baseline,
         non_expert=info.non_expert_bytes, rows=rows, kv_cache=kv, compute=compute,

@@ -55,6 +55,8 @@ class EvalResult:
     peak_rss_bytes: int
     max_dropped_mass: float = 1.0  # swapmoe's quality floor (1: none)
     domains: tuple[DomainScore, ...] = field(default=())  # per domain of a mixed stream (one: empty)
+    decode_tokens: int = 0        # tokens decoded one at a time (the scored halves)
+    decode_swaps: int = 0         # swaps committed in those steps (the floor's loads among them)
 
     @property
     def label(self) -> str:
@@ -175,7 +177,8 @@ def evaluate(llm: Any, chunks: list[Chunk],
                       mean(agrees, every),
                       (after.decode_tokens - before.decode_tokens) / dec if dec > 0 else 0.0,
                       after.hit_rate, after.swaps - before.swaps, after.peak_rss_bytes,
-                      getattr(llm, "max_dropped_mass", 1.0), per), logps
+                      getattr(llm, "max_dropped_mass", 1.0), per, after.decode_tokens - before.decode_tokens,
+                      after.decode_swaps - before.decode_swaps), logps
 
 
 def run_eval(path: str, text: str | Mapping[str, str], *, policies: list[str], experts_per_layer: int | None,

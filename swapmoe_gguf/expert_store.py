@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -61,19 +61,22 @@ class _ReadThread:
     interpreter exit, and a read waiting for a staging buffer that nobody will release (a model
     never closed) would then hang the exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int = 10, name: str = "swapmoe-io") -> None:
         self._q: queue.SimpleQueue[tuple[Future, Callable[[], StagedExpert]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="swapmoe-io", daemon=True)
+        self._nice = nice
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        # Lower CPU priority: the reads are DMA and need little CPU, while llama.cpp's threads wait
-        # for each other at every graph barrier, so a read preempting one of them stalls them all.
-        # Measured on 2 vCPUs: what one swap adds to a decode step 1.4-1.9 ms at nice 0, 0.9 at 10,
-        # 0.4 at 19; but at 19 the starved reads land so late that the default model's KL at half
-        # the experts rose from 0.31 to 0.38 (0.33 at 10).
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        # Lower CPU priority for background swaps: the reads are DMA and need little CPU, while
+        # llama.cpp's threads wait for each other at every graph barrier, so a read preempting one
+        # of them stalls them all. Measured on 2 vCPUs: what one swap adds to a decode step 1.4-1.9
+        # ms at nice 0, 0.9 at 10, 0.4 at 19; but at 19 the starved reads land so late that the
+        # default model's KL at half the experts rose from 0.31 to 0.38 (0.33 at 10). Streams
+        # (below) run at nice 0: the decoding thread waits for them.
+        if self._nice:
+            with contextlib.suppress(AttributeError, OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
         while (item := self._q.get()) is not None:
             fut, fn = item
             if fut.set_running_or_notify_cancel():
@@ -134,6 +137,7 @@ class ExpertStore:
         self.staging_buffers, self.reserved = staging_buffers, reserved
         self.staging_bytes = (staging_buffers + reserved) * self.max_expert_nbytes
         self._pool = _ReadThread()
+        self._stream_pool: _ReadThread | None = None  # started by the first stream
         self._warned = False
 
     # compatibility: the first (or only) file's descriptors
@@ -206,6 +210,16 @@ class ExpertStore:
         """Read on the background thread."""
         return self._pool.submit(lambda: self.read(layer, expert))
 
+    def stream(self, layer: int, experts: list[int]) -> "ExpertStream":
+        """Read `experts` of `layer` in this order on a dedicated thread (not the background swaps'
+        one, whose reads may wait for buffers that commit only between decode steps), into the
+        synchronous buffers, each as soon as the caller gave the one before back: the reads overlap
+        whatever the caller computes meanwhile. Iterate it, release each expert, close it."""
+        if self._stream_pool is None:
+            self._stream_pool = _ReadThread(nice=0, name="swapmoe-stream")
+        pool = self._stream_pool
+        return ExpertStream(self, [pool.submit(lambda e=e: self.read(layer, e, sync=True)) for e in experts])
+
     def release(self, staged: StagedExpert) -> None:
         """Give a staging buffer back once its bytes are committed (or dropped)."""
         self._give_back(staged.buf)
@@ -221,4 +235,36 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool.shutdown()
+        if self._stream_pool is not None:
+            self._stream_pool.shutdown()
         self._close_fds()
+
+
+class ExpertStream:
+    """Reads in flight for one layer (ExpertStore.stream): yields each expert's StagedExpert, or the
+    ExpertReadError of its read, in order. What it yielded is the caller's to release."""
+
+    def __init__(self, store: ExpertStore, futures: list[Future[StagedExpert]]):
+        self.store, self.futures = store, futures
+        self._handed = 0  # futures whose result went to the caller
+
+    def __iter__(self) -> "Iterator[StagedExpert | ExpertReadError]":
+        while self._handed < len(self.futures):
+            fut = self.futures[self._handed]
+            self._handed += 1
+            try:
+                yield fut.result()
+            except ExpertReadError as e:
+                yield e
+
+    def close(self) -> None:
+        """Cancel the reads not started; wait for the others and give their buffers back (the caller
+        has released what it took, so a read waiting for a buffer gets one)."""
+        rest = self.futures[self._handed:]
+        self._handed = len(self.futures)
+        for fut in rest:
+            fut.cancel()
+        for fut in rest:
+            if not fut.cancelled():
+                with contextlib.suppress(Exception):
+                    self.store.release(fut.result(timeout=30))

@@ -12,21 +12,32 @@
   `exact` does (the missing experts loaded into the least important slots, the full model's routing).
   τ = 1 is plain `swapmoe`, τ = 0 is `exact`.
 * `full`: every expert resident (S = n_expert).
+
+`exact` and the floor run a prompt's micro-batch in one graph: where a batch has more tokens than
+S // k (its experts may not fit in the slots), the graph computes the resident experts and each
+missing one is read once, computed outside the graph on the tokens that chose it and added into the
+layer's output (expert_compute.py). Models whose expert FFN that module does not reproduce run such
+prompts in micro-batches of S // k tokens instead.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .expert_compute import run_expert
+from .expert_store import ExpertReadError
 from .ggml import ggml
 from .router import RouterBatch
 from .routing import Routed, hit_shares, slot_mask_values
 from .scheduler import ImportanceScheduler, SchedulerConfig
 
 if TYPE_CHECKING:
+    from .expert_compute import ExpertFFN
+    from .expert_store import ExpertStore
     from .runtime import SwapMoELlama
 
 log = logging.getLogger(__name__)
@@ -90,12 +101,111 @@ class SwapMoEPolicy:
                     rt.request_swap(sw.layer, sw.slot, sw.expert)
 
     def before_decode(self, rt: "SwapMoELlama") -> None:
-        pass
+        if self.floor is not None:
+            self.floor.before_decode(rt)
+
+
+_PICK = np.float32(1e6)  # spacing of the ranking values a streamed batch writes (far above any selection bias)
+
+
+class _StreamJob:
+    """One layer of a micro-batch whose missing experts are computed outside the graph: a worker
+    thread takes each expert as its read lands, computes it on the tokens that chose it and sums
+    the weighted outputs, while llama.cpp computes the resident experts (both overlap the reads)."""
+
+    def __init__(self, store: "ExpertStore", ffn: "ExpertFFN", layer: int, routed: Routed, x: np.ndarray,
+                 missing: list[int], values: np.ndarray, weights: np.ndarray):
+        self.routed, self.x, self.missing = routed, x, missing  # x [n_tok, n_embd]: the router's input
+        self.values = values    # [n_tok, S] written into the ranking node: the graph picks `picks`, in order
+        self.weights = weights  # [n_tok, k] written into the final weights node: the full model's, 0 on fillers
+        self.acc = np.zeros_like(x)                                                     # [n_tok, n_embd]
+        self.done = self.failed = 0
+        self.error: BaseException | None = None
+        self._cancelled = False
+        self._store, self._ffn, self._layer = store, ffn, layer
+        self.stream = store.stream(layer, missing)
+        self._thread = threading.Thread(target=self._run, name="swapmoe-experts", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sel, w = self.routed.selected, self.routed.weights
+        try:
+            for e, staged in zip(self.missing, self.stream):
+                if self._cancelled:
+                    if not isinstance(staged, ExpertReadError):
+                        self._store.release(staged)
+                    break
+                if isinstance(staged, ExpertReadError):
+                    self.failed += 1
+                    log.debug("exact: reading expert %d of layer %d failed: %s", e, self._layer, staged)
+                    continue
+                try:
+                    rows, cols = np.nonzero(sel == e)  # an expert is selected at most once per token
+                    # one thread: llama.cpp's own threads compute the resident experts meanwhile
+                    self.acc[rows] += w[rows, cols, None] * run_expert(self._ffn, staged, self.x[rows], 1)
+                finally:
+                    self._store.release(staged)
+                self.done += 1
+        except BaseException as err:  # noqa: BLE001 - re-raised on the decoding thread by result()
+            self.error = err
+        finally:
+            self.stream.close()  # (only this thread touches the stream)
+
+    def result(self) -> np.ndarray:
+        """Wait for every missing expert; their weighted sum [n_tok, n_embd]."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.acc
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._thread.join(timeout=30)
+
+
+def stream_picks(routed: Routed, slots: list[int], n_expert: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the graph must compute for a batch whose missing experts run outside it: each token's
+    resident selected experts (the full model's order), then filler slots up to k (weight 0; the
+    graph always runs k). Returns the ranking values [n_tok, S] (distinct, descending along the
+    picks, so llama.cpp's top-k returns exactly them in that order) and their weights [n_tok, k]."""
+    n_tok, k = routed.selected.shape
+    n_slots = len(slots)
+    slot_of = np.full(n_expert, -1, dtype=np.int64)
+    slot_of[slots] = np.arange(n_slots)
+    ps = slot_of[routed.selected]                                                   # [n_tok, k], -1: missing
+    real = ps >= 0
+    order = np.argsort(~real, axis=1, kind="stable")                                # resident first
+    picks = np.take_along_axis(ps, order, axis=1)
+    weights = np.take_along_axis(np.where(real, routed.weights, 0.0), order, axis=1).astype(np.float32)
+    n_real = real.sum(1)                                                            # [n_tok]
+    c = min(n_slots, 2 * k)  # the first 2k slots hold enough fillers for any token
+    taken = np.zeros((n_tok, c), dtype=bool)
+    r, j = np.nonzero((picks >= 0) & (picks < c))
+    taken[r, picks[r, j]] = True
+    free = np.argsort(taken, axis=1, kind="stable")                                 # [n_tok, c] untaken first
+    for d in range(k):
+        rows = np.nonzero(n_real + d < k)[0]
+        if not rows.size:
+            break
+        picks[rows, n_real[rows] + d] = free[rows, d]
+    values = np.zeros((n_tok, n_slots), dtype=np.float32)
+    np.put_along_axis(values, picks, np.broadcast_to(_PICK * (2 * k - np.arange(k, dtype=np.float32)), picks.shape),
+                      axis=1)
+    return values, weights
+
+
+def _overwrite(t: int, values: np.ndarray) -> None:
+    """Replace a graph node's whole f32 data (its consumers have not run yet)."""
+    g = ggml()
+    if g.nbytes(t) != values.nbytes:
+        raise RuntimeError(f"{g.name(t)}: {g.nbytes(t)} bytes in the graph, {values.nbytes} to write")
+    g.set(t, values.astype(np.float32, copy=False))
 
 
 class ExactPolicy:
     """Lossless: the full model's experts, loaded on demand before each layer's experts run, and the
-    graph's ranking node rewritten so that it selects exactly those (see routing.slot_mask_values)."""
+    graph's ranking node rewritten so that it selects exactly those (see routing.slot_mask_values);
+    in batches of more than S // k tokens, missing experts computed outside the graph instead."""
 
     name = "exact"
     observes = True
@@ -115,10 +225,15 @@ class ExactPolicy:
         # the full model's expert weight still routed elsewhere after the floor, summed over
         # (token, layer): 0 where the floor acted, the dropped share where it let the residents route
         self.dropped_sum, self.dropped_n = 0.0, 0
+        self._jobs: dict[int, _StreamJob] = {}
+        self.streamed = 0  # experts computed outside the graph
 
     @property
     def in_graph(self) -> "ExactPolicy":
         return self
+
+    def wants(self, kind: str, layer: int) -> bool:
+        return layer in self._jobs  # the final weights and the output of a streamed layer
 
     def mask_node(self, layer: int) -> str:
         """The node whose values llama.cpp ranks the slots by (rewritten with the full model's choice)."""
@@ -129,6 +244,15 @@ class ExactPolicy:
         rt, vm = self.rt, self.rt.vmodel
         if kind == "logits":
             self._load(layer, rt.tap.last_routed())
+        elif kind == "weights":
+            _overwrite(t, self._jobs[layer].weights)
+            return
+        elif kind == "out":
+            self._finish(layer, t)
+            return
+        if kind == self.mask_node(layer) and layer in self._jobs:
+            _overwrite(t, self._jobs[layer].values)
+            return
         if kind == self.mask_node(layer):
             routed = self._routed.pop(layer, None)
             if routed is None:
@@ -157,10 +281,18 @@ class ExactPolicy:
             self.dropped_sum += float((1.0 - shares).sum())
             return  # within the floor: the layer routes among the residents (masked gating)
         self.acted += 1
-        self._before[layer] = list(vm.slot_map[layer])
         mass = np.zeros(vm.n_expert)
         np.add.at(mass, routed.selected.ravel(), np.abs(routed.weights).ravel() + 1e-12)
         need = [int(e) for e in np.argsort(-mass, kind="stable") if mass[e] > 0]  # most needed first
+        if rt.expert_ffn and routed.selected.shape[0] > rt.lossless_ubatch():
+            resident = set(vm.slot_map[layer])
+            missing = [e for e in need if e not in resident]
+            if missing:  # computed outside the graph, each read once (module docstring)
+                values, weights = stream_picks(routed, vm.slot_map[layer], vm.n_expert)
+                self._jobs[layer] = _StreamJob(vm.store, rt.expert_ffn[layer], layer, routed, rt.tap.last_input(),
+                                               missing, values, weights)
+                return
+        self._before[layer] = list(vm.slot_map[layer])
         if len(need) > vm.slots:
             self.overflows += 1
             need = need[: vm.slots]
@@ -191,11 +323,25 @@ class ExactPolicy:
             rt.telemetry_.io_blocked_seconds += time.perf_counter() - t0
         self._routed[layer] = routed
 
+    def _finish(self, layer: int, t: int) -> None:
+        """The layer's output node is computed (resident experts): add the missing experts' part."""
+        rt, job = self.rt, self._jobs.pop(layer)
+        t0 = time.perf_counter()
+        try:
+            acc = job.result()
+        finally:
+            rt.telemetry_.io_blocked_seconds += time.perf_counter() - t0
+            rt.telemetry_.swap_failures += job.failed
+            self.streamed += job.done
+        _overwrite(t, ggml().get_f32(t).reshape(acc.shape) + acc)                     # [n_tok, n_embd]
+
     def on_router(self, rt: "SwapMoELlama", batch: RouterBatch) -> None:
         pass
 
     def before_decode(self, rt: "SwapMoELlama") -> None:
-        pass
+        for job in self._jobs.values():  # a decode that failed mid-graph: stop its reads
+            job.cancel()
+        self._jobs.clear()
 
 
 class _Collector(FixedPolicy):

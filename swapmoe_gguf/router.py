@@ -75,9 +75,14 @@ class FullRouter:
 
 class InGraphHook(Protocol):
     """Runs inside llama.cpp's graph, right after a layer's router node was computed and before
-    its experts run (the `exact` policy). `kind` is "logits" or "probs"; `t` the node's tensor."""
+    its experts run (the `exact` policy). `kind` is "logits", "probs" or "logits_biased", or one
+    the hook added with `RouterTap.want` ("weights", "out"); `t` the node's tensor."""
 
     def __call__(self, kind: str, layer: int, t: int) -> None: ...
+
+    def wants(self, kind: str, layer: int) -> bool:
+        """Whether this micro-batch needs an added node (asked as the graph reaches it)."""
+        ...
 
 
 class RouterTap:
@@ -100,6 +105,8 @@ class RouterTap:
         self.error: BaseException | None = None
         self.probed: dict[int, dict[str, GraphNode]] | None = None  # set while probing the graph
         self.graph_inputs: set[str] = set()  # names of every tensor the probed graph reads
+        self.nodes: dict[int, dict[str, GraphNode]] = {}  # per MoE layer: its probed ffn_moe_* nodes
+        self._added: set[str] = set()  # kinds added by `want`: asked only when the hook wants them
         self._prefix = b"ffn_moe_" if in_graph is not None or probs else _PREFIX
         # Keep every ctypes object alive as long as the context: llama.cpp holds raw pointers.
         self.py_callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)
@@ -123,11 +130,17 @@ class RouterTap:
     def finish_probe(self, n_group: int = 1, n_group_used: int = 1) -> None:
         """Set each layer's gating spec from the probed nodes; raises RoutingError if unknown."""
         probed, self.probed = self.probed or {}, None
+        self.nodes = probed
         if self._filter is not None:
             self._filter.prefix, self._filter.prefix_len = self._prefix, len(self._prefix)
         for layer in self.router.w_t:
             self.router.specs[layer] = GatingSpec.from_nodes(probed.get(layer, {}), n_group=n_group,
                                                              n_group_used=n_group_used, where=f"layer {layer}: ")
+
+    def want(self, kind: str, names: dict[int, str]) -> None:
+        """Also hand the in-graph hook these nodes (layer -> node name without `-<il>`), when it `wants` them."""
+        self._added.add(kind)
+        self.wanted |= {f"{name}-{l}".encode(): (kind, l) for l, name in names.items()}
 
     def _record(self, t: int, name: bytes) -> None:
         """Probing: every input's name into `graph_inputs`; an `ffn_moe_*` node into `probed`."""
@@ -151,6 +164,10 @@ class RouterTap:
         if ask:
             if not self.enabled or name not in self.wanted:
                 return False
+            if self._added:
+                kind, layer = self.wanted[name]
+                if kind in self._added:
+                    return self.in_graph is not None and self.in_graph.wants(kind, layer)
             if self.stride > 1 and self.in_graph is None:
                 kind, layer = self.wanted[name]
                 # by the batch, not the node: llama.cpp keeps only the output rows in the last layer

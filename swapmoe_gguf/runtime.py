@@ -31,6 +31,7 @@ from llama_cpp import _internals as internals
 
 from .budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
 from .errors import ContextFull, LayoutError, SwapMoEError
+from .expert_compute import WEIGHT_NODES, ExpertFFN, ffn_spec
 from .expert_store import ExpertReadError, StagedExpert
 from .gguf_info import read_gguf
 from .router import FullRouter, RouterBatch, RouterTap
@@ -155,11 +156,13 @@ class SwapMoELlama(Llama):
         # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
         # the model is built before Llama.__init__ would set it.
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        planned_s = None  # S from a plan: the most a budget gives, fewer when this policy needs more buffers
         if plan is not None:  # a plan fixes S, F and Q for this very file
             from .planner import Plan
 
             plan = Plan.load(plan) if isinstance(plan, str) else plan
             plan.check_model(model_path)
+            planned_s = None if experts_per_layer else plan.experts_per_layer
             experts_per_layer = experts_per_layer or plan.experts_per_layer
             scheduler = scheduler or plan.scheduler
             policy = policy or plan.policy
@@ -179,7 +182,9 @@ class SwapMoELlama(Llama):
         if n_seq_max < 1:
             raise SwapMoEError(f"need at least one sequence, got n_seq_max={n_seq_max}")
         self.n_seq_max, self.kv_unified, self.swa_full = n_seq_max, kv_unified, swa_full
-        reserved = 1 if self.max_dropped_mass < 1.0 else 0  # the floor's synchronous reads (expert_store)
+        # the floor's synchronous reads (expert_store): two, so that a streamed prompt reads one expert
+        # while it computes another (policies.ExactPolicy)
+        reserved = 2 if self.max_dropped_mass < 1.0 else 0
         info = read_gguf(model_path)
         problem = info.run_problem()
         if problem:  # before any sizing: a non-MoE file has no experts to budget
@@ -192,17 +197,25 @@ class SwapMoELlama(Llama):
         if policy == "full":
             experts_per_layer = n_expert
         n_batch_eff = min(n_ctx, n_batch) if n_ctx else n_batch
+        lossless = policy == "exact" or self.max_dropped_mass < 1.0
         mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
-                       logits_all=logits_all, staging_buffers=staging_buffers + reserved, flash_attn=flash_attn)
-        self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
+                       logits_all=logits_all, staging_buffers=staging_buffers + reserved, flash_attn=flash_attn,
+                       streams=lossless)
+        try:
+            self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
+        except BudgetError:
+            fit = plan_slots(mem, budget, None).slots if planned_s and budget else None
+            if fit is None or fit >= experts_per_layer:
+                raise
+            log.info("the plan's S = %d does not fit the budget with this policy's buffers; %d", planned_s, fit)
+            self.memory = plan_slots(mem, budget, fit)
         self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
         self.requested_policy = policy  # what a budget change returns to when not everything fits
         if self.memory.slots == n_expert and policy != "full":
             log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
             policy = "full"
-        if self.requested_policy == "exact" or self.max_dropped_mass < 1.0:
-            n_ubatch = min(n_ubatch, self._lossless_ubatch(self.memory.slots, info.params.n_expert_used))
         self.policy_name = policy
+        self.expert_ffn: dict[int, ExpertFFN] = {}  # lossless prompts: experts run outside the graph
         self.static_rank: dict[int, list[int]] | None = None  # static: calibration order per layer
         self.calib_rates: np.ndarray | None = None  # importance per token on the calibration text [n_layer, n_expert]
         self.telemetry_ = Telemetry()
@@ -231,6 +244,7 @@ class SwapMoELlama(Llama):
                                  verbose=verbose, **kwargs)
             self.flash_attn = flash_attn
             self._probe_routing()
+            self._setup_streaming()
             prior = (scheduler or SchedulerConfig()).prior_weight > 0 and policy == "swapmoe"
             if initial_experts is None and (policy == "static" or prior):
                 self._calibrate(calibration)
@@ -244,9 +258,52 @@ class SwapMoELlama(Llama):
 
     @staticmethod
     def _lossless_ubatch(slots: int, top_k: int) -> int:
-        """Micro-batch size whose tokens' experts always fit in the slots (S // k): `exact` and the
-        quality floor then route every token of a prompt exactly, S // k tokens per graph."""
+        """Micro-batch size whose tokens' experts always fit in the slots (S // k)."""
         return max(1, slots // max(1, top_k))
+
+    def lossless_ubatch(self) -> int:
+        """Batches up to this many tokens load their missing experts into slots (`exact`, the floor);
+        larger ones compute them outside the graph, or are cut to this size (no `expert_ffn`)."""
+        return self._lossless_ubatch(self.vmodel.slots, self.vmodel.top_k)
+
+    def _setup_streaming(self) -> None:
+        """`exact` and the floor: where every MoE layer's FFN is one expert_compute reproduces, a
+        prompt runs in one graph and its missing experts outside it; else prompts are cut into
+        micro-batches of S // k tokens (their experts always fit), which needs a new context."""
+        self.expert_ffn = {}
+        if not (self.requested_policy == "exact" or self.max_dropped_mass < 1.0):
+            return
+        ffn, why = self._expert_ffns()
+        if ffn:
+            self.expert_ffn = ffn
+            return
+        ub = self.lossless_ubatch()
+        log.info("lossless prompts in micro-batches of S // k = %d tokens: %s", ub, why)
+        if self.context_params.n_ubatch > ub:
+            self.context_params.n_ubatch = ub
+            self._ctx.close()
+            self._ctx = _HookedContext(runtime=self, model=self._model, params=self.context_params,
+                                       verbose=self.verbose)
+
+    def _expert_ffns(self) -> tuple[dict[int, ExpertFFN], str]:
+        """Each MoE layer's expert FFN, read off the probed graph, with the router nodes the stream
+        path rewrites; ({}, why) when some layer is not reproduced (expert_compute.ffn_spec)."""
+        out: dict[int, ExpertFFN] = {}
+        finals: dict[int, str] = {}
+        for layer in self.vmodel.moe_layers:
+            nodes, spec = self.tap.nodes.get(layer, {}), self.full_router.specs[layer]
+            if spec.select != "probs":  # (the full model's groups are fine: the slot graph has none, vmodel.py)
+                return {}, f"layer {layer} ranks experts by {spec.select}"
+            f = ffn_spec(nodes, self.vmodel.info.layer_expert_tensors(layer))
+            if isinstance(f, str):
+                return {}, f"layer {layer}: {f}"
+            final = next((n for n in WEIGHT_NODES if n in nodes), None)
+            if final is None or "ffn_moe_out" not in nodes:
+                return {}, f"layer {layer}: no expert weights or output node"
+            out[layer], finals[layer] = f, final
+        self.tap.want("weights", finals)
+        self.tap.want("out", {l: "ffn_moe_out" for l in out})
+        return out, ""
 
     def _full_router(self) -> FullRouter:
         vm = self.vmodel
@@ -332,6 +389,7 @@ class SwapMoELlama(Llama):
         """llama_decode with the runtime's hooks around it (tap, scheduler, swaps, telemetry): for
         callers that build their own batches (the parallel engine)."""
         self.tap.batch_tokens = batch.n_tokens
+        swaps0 = self.telemetry_.swaps
         self._before_decode()
         t0 = time.perf_counter()
         if run is not None:
@@ -343,6 +401,8 @@ class SwapMoELlama(Llama):
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
         self._after_decode(batch.n_tokens, time.perf_counter() - t0)
+        if batch.n_tokens == 1:
+            self.telemetry_.decode_swaps += self.telemetry_.swaps - swaps0
 
     def _before_decode(self) -> None:
         if self._stop.is_set():
@@ -432,7 +492,8 @@ class SwapMoELlama(Llama):
         vm = self.vmodel
         mem0 = estimate(vm.info, n_ctx=self.n_ctx(), n_batch=self.n_batch, logits_all=self._logits_all,
                         staging_buffers=vm.store.staging_buffers + vm.store.reserved, baseline=self.memory.baseline,
-                        flash_attn=self.flash_attn)
+                        flash_attn=self.flash_attn,
+                        streams=self.requested_policy == "exact" or self.max_dropped_mass < 1.0)
         new = plan_slots(mem0, budget, experts_per_layer)
         self.budget_bytes = budget.resolve(mem0.total(mem0.n_expert)) if budget else None
         if new.slots == vm.slots:
@@ -449,7 +510,7 @@ class SwapMoELlama(Llama):
                                          repack=self.repack, reserved_buffers=vm.store.reserved)
         self._model.model = self.vmodel.model
         self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)
-        if self.requested_policy == "exact" or self.max_dropped_mass < 1.0:
+        if (self.requested_policy == "exact" or self.max_dropped_mass < 1.0) and not self.expert_ffn:
             self.context_params.n_ubatch = self._lossless_ubatch(new.slots, vm.top_k)
         self._ctx = _HookedContext(runtime=self, model=self._model, params=self.context_params, verbose=self.verbose)
         specs = self.full_router.specs
@@ -490,7 +551,8 @@ class SwapMoELlama(Llama):
             io_blocked_seconds=t.io_blocked_seconds, tokens=t.tokens, decode_tokens=t.decode_tokens,
             decode_seconds=t.decode_seconds, prefill_tokens=t.prefill_tokens, prefill_seconds=t.prefill_seconds,
             hit_rate=1.0 if self.vmodel.slots == self.vmodel.n_expert else t.hit_rate,
-            rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes)
+            rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes,
+            decode_swaps=t.decode_swaps)
 
     def close(self) -> None:
         # Queued reads are cancelled; finished ones give their buffers back; the one running (if any)

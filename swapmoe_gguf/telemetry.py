@@ -23,6 +23,7 @@ class TelemetrySnapshot:
     rss_bytes: int
     peak_rss_bytes: int
     budget_bytes: int | None
+    decode_swaps: int = 0     # swaps committed in one-token steps
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Telemetry:
     tokens: int = 0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    decode_swaps: int = 0      # swaps committed in one-token steps (the floor's on-demand loads among them)
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     hit_mass: float = 0.0      # sum over (token, layer) of the hit share

@@ -6,8 +6,9 @@ llama-cpp-python 0.3.36 sdist) and caches it; every llama.cpp run happens in a c
 
 * `full` on the `swapmoe convert` re-layout equals stock llama-cpp-python on the converted file,
   bit for bit, at every position of three prompts;
-* `exact` with 4 of 8 experts per layer (micro-batches of S // k tokens) equals stock decoding one
-  token at a time, up to float rounding (routing weights, micro-batch sizes);
+* `exact` with 4 of 8 experts per layer (a prompt in one graph, missing experts computed outside it;
+  or micro-batches of S // k tokens where that FFN is not reproduced) equals stock decoding one token
+  at a time, up to float rounding (routing weights, micro-batch sizes);
 * `swapmoe` and `static` with 4 of 8 experts per layer run and give finite logits.
 
 Known failures are xfail(strict=True) with the measured error, so a fix shows up as XPASS.
@@ -28,6 +29,10 @@ WORKING = ["mixtral", "qwen3moe", "gpt-oss", "deepseek-v3", "deepseek-v2", "glm4
            "hunyuan-moe", "lfm2-moe", "afmoe", "exaone-moe", "qwen3.5-moe", "glm4moe-lite", "cohere2moe",
            "granitemoe-shared", "laguna", "dbrx", "deepseek-v3.2", "granitemoe-swa", "glm4moe-mtp-decl", "nemotron-h",
            "mixtral-q8_0", "deepseek-v3-q8_0", "gpt-oss-q8_0", "mimo-v2-flash"]
+# `exact` cuts their prompts into micro-batches of S // k tokens: expert_compute does not reproduce their
+# expert FFN (expert biases and the clamped SwiGLU of gpt-oss, llama4's weights applied before the FFN,
+# lfm2's expert input, nemotron-h's ungated squared ReLU); every other arch runs a prompt in one graph
+MICRO_BATCHED = {"gpt-oss", "gpt-oss-q8_0", "llama4", "lfm2-moe", "nemotron-h"}
 # stock llama.cpp runs it, the runtime does not (yet); cause in docs/architectures.md: jamba's loader
 # makes a layer dense or MoE by an optional tensor's presence (llama_model_init_from_user creates
 # every optional tensor, so the dense layers' weights are never asked for)
@@ -115,7 +120,10 @@ def test_exact_equals_stock(runs, name):
     stock = runs.probe(name, "stock", n_batch=1)
     exact = runs.probe(name, "exact")
     assert exact["info"]["policy"] == "exact" and exact["info"]["slots"] == zoo.EXPERTS_PER_LAYER
-    assert exact["info"]["swaps"] > 0  # 4 of 8 resident: the router really moved experts in
+    # 4 of 8 resident: the router really moved experts in, or (prompts in one graph) computed them outside it
+    assert exact["info"]["swaps"] + exact["info"]["streamed"] > 0
+    assert exact["info"]["streams"] == (name not in MICRO_BATCHED)
+    assert exact["info"]["streamed"] > 0 or name in MICRO_BATCHED
     d = _maxdiff(exact["logits"], stock["logits"])
     assert d <= EXACT_ATOL, f"max |exact - stock| = {d:.3g}"
 

@@ -28,6 +28,7 @@ def test_bench_quick_end_to_end(tmp_path):
     for (policy, _), row in speed.items():
         assert not row["errors"], row
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss"] > 0
+        assert row["prefill_long_tok_s"] > 0  # the second, prefill-only request
         assert row["p99_ms"] >= row["p50_ms"] > 0
         if policy != "plain":
             assert row["within_budget"], row  # measured VmHWM of the cell's own process
@@ -45,7 +46,9 @@ def test_bench_quick_end_to_end(tmp_path):
     assert quality["static"]["kl"] > quality["swapmoe"]["kl"] > 0
     assert len(floor) == 1 and floor[0]["kl"] < quality["swapmoe"]["kl"]
     assert any(t.startswith("floor 0.3 at 50%: KL floor/swapmoe = ") for t in data["targets"])
-    assert data["targets"] and data["targets"] == targets(data["speed"], data["quality"], data["types"])
+    assert any(t.startswith("exact prefill at 50%: ") and "-token prompt" in t for t in data["targets"])
+    assert any("priced with the trained model's routing" in t for t in data["targets"])
+    assert data["targets"] and data["targets"] == targets(data["speed"], data["quality"], data["types"], data["meta"])
     # the stock-speed row: `full` and plain llama-cpp-python on a Q4_K_M file of the same shape
     types = {(row["label"], row["policy"]): row for row in data["types"]}
     assert set(types) == {("q4_k_m", "full"), ("q4_k_m", "plain")}
@@ -98,6 +101,33 @@ def test_quality_targets_of_issue_13():
     assert table[0] == "| policy | share of experts | c: KL (ppl) | python: KL (ppl) |"
     assert table[5] == "| swapmoe | 50% | 0.0500 (10.20) | 0.0250 (10.20) |"
     assert domain_table([{**rows[0], "domains": []}]) == ""
+
+
+def test_floor_and_prefill_targets_of_issue_14():
+    """The floor's decode ratio priced with the trained model's loads on the synthetic model's shape, and
+    `exact`'s prefill against `full`'s on both prompts with the short prompt's disk floor."""
+    from swapmoe_gguf.bench_report import floor_targets, prefill_targets
+
+    meta = {"read_mb_s": 2000.0, "prompt_tokens": 64, "long_prompt_tokens": 448,
+            "speed_shape": {"moe_layers": 4, "top_k": 8, "expert_bytes": 5_000_000},
+            "quality_shape": {"moe_layers": 6, "top_k": 4}}
+    q = lambda tau, kl, swaps: {"policy": "swapmoe", "budget_pct": 50.0, "max_dropped_mass": tau, "kl": kl,  # noqa: E731
+                                "decode_tokens": 100, "decode_swaps": swaps}
+    sp = lambda tau, tok: {"policy": "swapmoe", "budget_pct": 50.0, "max_dropped_mass": tau, "decode_tok_s": tok}  # noqa: E731
+    # the floor loads 48 experts beyond swapmoe's 24 over 100 tokens x 6 layers x top-4: 2 % of selections;
+    # on the synthetic shape 0.02 x 4 x 8 x 5 MB at 2000 MB/s = 1.6 ms on swapmoe's 8 ms per token
+    line, = floor_targets([sp(1.0, 125.0), sp(0.3, 30.0)], [q(1.0, 0.3, 24), q(0.3, 0.06, 72)], meta)
+    assert line.startswith("floor 0.3 at 50%: KL floor/swapmoe = 0.20 (target <= 0.33: met), decode floor/swapmoe "
+                           "= 0.24 on the synthetic model's random routing (target >= 0.7: missed)")
+    assert line.endswith("(2.0% of expert selections loaded on demand beyond swapmoe's swaps: 1.6 ms per token on "
+                         "the synthetic model) = 0.83 (target >= 0.7: met)")
+    full = {"policy": "full", "budget_pct": 100.0, "prefill_tok_s": 200.0, "prefill_long_tok_s": 250.0, "ttft_ms": 320.0}
+    exact = {"policy": "exact", "budget_pct": 50.0, "prefill_tok_s": 90.0, "prefill_long_tok_s": 180.0,
+             "prefill_read_bytes": 1_200_000_000, "ttft_ms": 711.0}
+    line, = prefill_targets([full, exact], meta)
+    assert line == ("exact prefill at 50%: 0.45x full's on the 64-token prompt (target >= 0.5: missed), 0.72x full's "
+                    "on the 448-token prompt (target >= 0.5: met); the short prompt read 1.1 GiB, 600 ms at the "
+                    "measured bandwidth alone: 1.88x full's whole prefill")
 
 
 def test_scale_checks_free_disk_before_writing(tmp_path, monkeypatch):

@@ -523,7 +523,8 @@ def _probe_main(mode: str, gguf: str, out: str, n_batch: int) -> None:
     if mode != "stock":
         t = llm.telemetry()
         info.update(swaps=t.swaps, hit_rate=t.hit_rate, swap_failures=t.swap_failures,
-                    overflows=getattr(llm.policy, "overflows", None))
+                    overflows=getattr(llm.policy, "overflows", None), streamed=getattr(llm.policy, "streamed", 0),
+                    streams=bool(llm.expert_ffn))
     llm.close()
     tmp = out + ".tmp.npz"
     np.savez(tmp, info=json.dumps(info), **arrays)
