@@ -8,9 +8,9 @@ micro-batch in one graph instead: the graph computes the resident experts, and e
 is read ONCE per micro-batch and layer, computed here on just the tokens that chose it, and added
 into the layer's `ffn_moe_out` (runtime hooks: policies.ExactPolicy).
 
-The FFN must be one this module reproduces: separate gate/up/down expert matrices with a gated
-activation (SwiGLU, GeGLU, ReGLU), no expert biases or scales, weights applied after the down
-projection. `ffn_spec` reads that off llama.cpp's probed graph and says why not otherwise (the
+The FFN must be one this module reproduces: gate/up/down expert matrices (or llama.cpp's merged
+gate_up) with a gated activation (SwiGLU, GeGLU, ReGLU), no expert biases or scales, weights
+applied after the down projection. `ffn_spec` reads that off llama.cpp's probed graph and says why not otherwise (the
 runtime then falls back to S // k micro-batches). The kernels are ggml's `mul_mat` on the expert's
 bytes as stored (no dequantisation): the activations are quantised to the weights' dot type as in
 the graph, so results match llama.cpp's to float rounding.
@@ -125,9 +125,10 @@ def run_expert(ffn: ExpertFFN, staged: StagedExpert, x: np.ndarray, n_threads: i
     lib = _lib()
     g = lib.ggml
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, n_embd, n_ff = x.shape[0], ffn.n_embd, ffn.n_ff
+    n_embd, n_ff = ffn.n_embd, ffn.n_ff
     if x.ndim != 2 or x.shape[1] != n_embd:
         raise ValueError(f"expert input is {x.shape}, expected [n, {n_embd}]")
+    n = x.shape[0]
     # the weights: headers only, their data the staged bytes (no copy)
     wctx = g.lib.ggml_init(g.init_params(4 * lib.ggml_tensor_overhead(), no_alloc=True))
     # the rest: x, gate/up/act [n, n_ff], out [n, n_embd], the graph and the work buffer (activations

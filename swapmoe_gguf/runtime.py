@@ -207,7 +207,8 @@ class SwapMoELlama(Llama):
             fit = plan_slots(mem, budget, None).slots if planned_s and budget else None
             if fit is None or fit >= experts_per_layer:
                 raise
-            log.info("the plan's S = %d does not fit the budget with this policy's buffers; %d", planned_s, fit)
+            log.info("the plan's %d experts per layer do not fit this budget with the lossless path's buffers "
+                     "and scratch: running %d", planned_s, fit)
             self.memory = plan_slots(mem, budget, fit)
         self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
         self.requested_policy = policy  # what a budget change returns to when not everything fits
