@@ -257,15 +257,11 @@ class SwapMoELlama(Llama):
         log.info("SwapMoE (%s): %d of %d experts per layer resident; %s", policy, self.memory.slots,
                  n_expert, self.memory.parts())
 
-    @staticmethod
-    def _lossless_ubatch(slots: int, top_k: int) -> int:
-        """Micro-batch size whose tokens' experts always fit in the slots (S // k)."""
-        return max(1, slots // max(1, top_k))
-
     def lossless_ubatch(self) -> int:
-        """Batches up to this many tokens load their missing experts into slots (`exact`, the floor);
-        larger ones compute them outside the graph, or are cut to this size (no `expert_ffn`)."""
-        return self._lossless_ubatch(self.vmodel.slots, self.vmodel.top_k)
+        """S // k: a micro-batch this size always fits its experts in the slots. Batches up to it load
+        their missing experts into slots (`exact`, the floor); larger ones compute them outside the
+        graph, or are cut to this size (no `expert_ffn`)."""
+        return max(1, self.vmodel.slots // max(1, self.vmodel.top_k))
 
     def _setup_streaming(self) -> None:
         """`exact` and the floor: where every MoE layer's FFN is one expert_compute reproduces, a
@@ -512,7 +508,7 @@ class SwapMoELlama(Llama):
         self._model.model = self.vmodel.model
         self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)
         if (self.requested_policy == "exact" or self.max_dropped_mass < 1.0) and not self.expert_ffn:
-            self.context_params.n_ubatch = self._lossless_ubatch(new.slots, vm.top_k)
+            self.context_params.n_ubatch = self.lossless_ubatch()
         self._ctx = _HookedContext(runtime=self, model=self._model, params=self.context_params, verbose=self.verbose)
         specs = self.full_router.specs
         self.full_router = self._full_router()
