@@ -23,7 +23,7 @@ import numpy as np
 
 # VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec and would include the parent's RSS at fork.
 _PEAK = ("import sys\n"
-         "from swapmoe_gguf.cli import main\n"
+         "from swapmoe_gguf.commands.cli import main\n"
          "import swapmoe_gguf.converters.hf, swapmoe_gguf.converters.relayout\n"
          "rc = main(sys.argv[1:]) if len(sys.argv) > 1 else 0\n"
          "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"

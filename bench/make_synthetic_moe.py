@@ -12,7 +12,7 @@ import time
 from dataclasses import fields
 
 from swapmoe_gguf.converters.synthetic import SyntheticShape, write_synthetic_moe
-from swapmoe_gguf.inspect import fmt_bytes
+from swapmoe_gguf.commands.inspect import fmt_bytes
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ import argparse
 
 import numpy as np
 
-from swapmoe_gguf.demo import default_model, shipped_heldout
-from swapmoe_gguf.evaluate import evaluate, read_texts, stream_chunks
-from swapmoe_gguf.policies import _Collector
+from swapmoe_gguf.converters.default_model import default_model, shipped_heldout
+from swapmoe_gguf.commands.evaluate import evaluate, read_texts, stream_chunks
+from swapmoe_gguf.residency.policies import _Collector
 from swapmoe_gguf.runtime import SwapMoELlama
-from swapmoe_gguf.scheduler import ImportanceScheduler, SchedulerConfig
+from swapmoe_gguf.residency.scheduler import ImportanceScheduler, SchedulerConfig
 
 
 def main() -> None:

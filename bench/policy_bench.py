@@ -74,12 +74,12 @@ def main() -> None:
         convert(src, model, "q8_0", progress=False)
     kw = dict(n_ctx=512, n_threads=a.threads, n_threads_batch=a.threads, verbose=False, seed=1)
     # swapmoe runs as `swapmoe plan` configures it for this device (F, Q, scoring stride)
-    from swapmoe_gguf.gguf_info import read_gguf
-    from swapmoe_gguf.planner import make_plan
-    from swapmoe_gguf.profile import load_or_measure
+    from swapmoe_gguf.fileformat.reader import read_gguf
+    from swapmoe_gguf.planning.planner import make_plan
+    from swapmoe_gguf.planning.profile import load_or_measure
 
     info = read_gguf(model)
-    plan = make_plan(info, load_or_measure(info, threads=a.threads), None, n_ctx=512, threads=a.threads,
+    plan = make_plan(info, load_or_measure(info, SwapMoELlama, threads=a.threads), None, n_ctx=512, threads=a.threads,
                      experts_per_layer=a.experts_per_layer)
     llms = {p: SwapMoELlama(model, policy=p, **({} if p == "full" else {"experts_per_layer": a.experts_per_layer}),
                             **({"scheduler": plan.scheduler} if p == "swapmoe" else {}), **kw) for p in POLICIES}

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from swapmoe_gguf.demo import default_model, shipped_heldout
-from swapmoe_gguf.evaluate import evaluate, read_texts, stream_chunks
+from swapmoe_gguf.converters.default_model import default_model, shipped_heldout
+from swapmoe_gguf.commands.evaluate import evaluate, read_texts, stream_chunks
 from swapmoe_gguf.runtime import SwapMoELlama
-from swapmoe_gguf.scheduler import SchedulerConfig
+from swapmoe_gguf.residency.scheduler import SchedulerConfig
 
 
 def main() -> None:

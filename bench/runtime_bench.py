@@ -77,7 +77,7 @@ def main() -> None:
     step = 1.0 / med["swapmoe"]
 
     # swaps: cold read + commit, cycling experts through slot 0
-    from swapmoe_gguf.profile import time_swaps
+    from swapmoe_gguf.planning.profile import time_swaps
 
     read_ms, commit_ms, nbytes = time_swaps(rt.vmodel)
     reads, commits = [r / 1e3 for r in read_ms], [c / 1e3 for c in commit_ms]

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(Path(__file__).parent / "out" / "soak.json"))
     a = ap.parse_args()
     if a.model is None:
-        from swapmoe_gguf.demo import default_model
+        from swapmoe_gguf.converters.default_model import default_model
 
         a.model = str(default_model())
     port = _free_port()

@@ -2,6 +2,8 @@
 
     convert("hf_dir/", "model.gguf", "q8_0")      # Hugging Face checkpoint
     convert("downloaded.gguf", "model.gguf")      # re-layout, bytes unchanged
+
+May import: base, fileformat.
 """
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_output
-from ..constants import DEFAULT_ALIGNMENT, PAGE_ALIGNMENT
-from ..errors import ConvertError
-from ..gguf_info import read_gguf
+from ..base.atomic import atomic_output
+from ..base.errors import ConvertError
+from ..fileformat.constants import DEFAULT_ALIGNMENT, PAGE_ALIGNMENT
+from ..fileformat.reader import read_gguf
 from .quant import out_type
 
 log = logging.getLogger(__name__)

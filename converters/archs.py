@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import MODEL_ARCH, GGUFWriter
 
-from ..errors import ConvertError
+from ..base.errors import ConvertError
 from .registry import FusedExperts, MoEArch, register
 
 

@@ -16,10 +16,12 @@ from typing import Callable, Iterator
 import numpy as np
 from gguf import GGML_QUANT_VERSION, get_tensor_name_map
 
-from ..constants import SwapKeys
-from ..errors import ConvertError
+from ..base.errors import ConvertError
+from ..fileformat.constants import SwapKeys
+from ..fileformat.info import block_of
+from ..fileformat.norms import ExpertNorms, counts_for_norm
 from . import archs as _archs  # noqa: F401  (registers the architectures)
-from .layout import ExpertNorms, add_expert_keys, add_layout_keys, block_of, counts_for_norm, moe_layers_of
+from .layout import add_expert_keys, add_layout_keys, moe_layers_of
 from .quant import OutType, encode, nbytes, tensor_type
 from .registry import HFConfig, MoEArch, lookup
 from .safetensors_io import Checkpoint

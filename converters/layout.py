@@ -1,42 +1,12 @@
 """The `swapmoe.*` metadata shared by both conversion paths: layout flags and expert norms."""
 from __future__ import annotations
 
-import re
-
 import numpy as np
 from gguf import GGUFValueType
 
-from ..constants import FORMAT_VERSION, PAGE_ALIGNMENT, SwapKeys
+from ..fileformat.constants import FORMAT_VERSION, PAGE_ALIGNMENT, SwapKeys
+from ..fileformat.info import block_of
 from .writer import PlannedTensor, SwapReadyWriter
-
-_BLK = re.compile(r"^blk\.(\d+)\.")
-# Tensors whose squared entries make up ||E_i|| (weights of the expert's FFN, not biases/scales).
-_NORM_KINDS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight")
-
-
-def block_of(name: str) -> int | None:
-    m = _BLK.match(name)
-    return int(m.group(1)) if m else None
-
-
-def counts_for_norm(name: str) -> bool:
-    return name.endswith(_NORM_KINDS)
-
-
-class ExpertNorms:
-    """Accumulates ||E_i||^2 per (MoE layer, expert) while expert slices stream past."""
-
-    def __init__(self, moe_layers: list[int], n_expert: int):
-        self.moe_layers = moe_layers
-        self.row = {layer: i for i, layer in enumerate(moe_layers)}
-        self.sq = np.zeros((len(moe_layers), n_expert), dtype=np.float64)  # [n_moe_layer, n_expert]
-
-    def add(self, layer: int, expert: int, data: np.ndarray) -> None:
-        d = np.asarray(data, dtype=np.float32)
-        self.sq[self.row[layer], expert] += float(np.dot(d.ravel(), d.ravel()))
-
-    def values(self) -> np.ndarray:
-        return np.sqrt(self.sq).astype(np.float32)  # [n_moe_layer, n_expert]
 
 
 def moe_layers_of(tensors: list[PlannedTensor]) -> list[int]:

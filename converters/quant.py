@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType as FT, quants
 
-from ..errors import QuantError
+from ..base.errors import QuantError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 import numpy as np
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
-from ..errors import ConvertError, NotMoEError, UnsupportedArchitectureError
+from ..base.errors import ConvertError, NotMoEError, UnsupportedArchitectureError
 
 _REGISTRY: dict[str, type["MoEArch"]] = {}
 A = TypeVar("A", bound=type["MoEArch"])

@@ -15,11 +15,13 @@ from typing import Iterator
 import numpy as np
 from gguf import GGUFValueType
 
-from ..constants import PAGE_ALIGNMENT, SwapKeys
-from ..errors import LayoutError, NotMoEError
-from ..gguf_info import GGUFInfo, dequantize
-from ..splits import SPLIT_KEYS
-from .layout import ExpertNorms, add_expert_keys, add_layout_keys, block_of, counts_for_norm, moe_layers_of
+from ..base.errors import LayoutError, NotMoEError
+from ..fileformat.constants import PAGE_ALIGNMENT, SwapKeys
+from ..fileformat.info import GGUFInfo, dequantize
+from ..fileformat.info import block_of
+from ..fileformat.norms import ExpertNorms, counts_for_norm
+from ..fileformat.splits import SPLIT_KEYS
+from .layout import add_expert_keys, add_layout_keys, moe_layers_of
 from .writer import PlannedTensor, SwapReadyWriter
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointFormatError
+from ..base.errors import CheckpointFormatError
 
 # safetensors dtype -> (numpy dtype of the stored bytes, bytes per element)
 _DTYPES: dict[str, np.dtype] = {

@@ -17,11 +17,12 @@ from typing import Iterator
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType as Q, LlamaFileType
 
-from ..atomic import atomic_output
-from ..constants import PAGE_ALIGNMENT, SwapKeys
-from ..errors import ConvertError
+from ..base.atomic import atomic_output
+from ..base.errors import ConvertError
+from ..fileformat.constants import PAGE_ALIGNMENT, SwapKeys
+from ..fileformat.norms import ExpertNorms
 from .archs import Mixtral
-from .layout import ExpertNorms, add_expert_keys, add_layout_keys
+from .layout import add_expert_keys, add_layout_keys
 from .quant import nbytes
 from .registry import HFConfig
 from .tiny_checkpoint import write_byte_tokenizer

@@ -15,7 +15,7 @@ from typing import Any
 from gguf import GGUFWriter, TokenType
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
-from ..errors import ConvertError
+from ..base.errors import ConvertError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
-from ..constants import EXPERT_TENSOR_MARK
-from ..errors import ConvertError
+from ..base.errors import ConvertError
+from ..fileformat.constants import EXPERT_TENSOR_MARK
 
 log = logging.getLogger(__name__)
 

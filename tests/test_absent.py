@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from swapmoe_gguf.absent import _find_layers
+from swapmoe_gguf.llamacpp.absent import _find_layers
 
 N_LAYER, FIELDS = 3, 40  # a layer struct of 40 pointer fields
 
@@ -52,7 +52,7 @@ def test_weight_buffers_ask_for_huge_pages():
     import re
     from pathlib import Path
 
-    from swapmoe_gguf.vmodel import advise_huge_pages
+    from swapmoe_gguf.llamacpp.vmodel import advise_huge_pages
 
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not mode.is_file() or "[never]" in mode.read_text():

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from conftest import run_cli
-from swapmoe_gguf.bench_report import domain_table, quality_targets, targets
-from swapmoe_gguf.benchmark import _percentile, slots_for
+from swapmoe_gguf.commands.bench_report import domain_table, quality_targets, targets
+from swapmoe_gguf.commands.bench_speed import _percentile
+from swapmoe_gguf.commands.benchmark import slots_for
 
 
 def test_bench_quick_end_to_end(tmp_path):
@@ -106,7 +107,7 @@ def test_quality_targets_of_issue_13():
 def test_floor_and_prefill_targets_of_issue_14():
     """The floor's decode ratio priced with the trained model's loads on the synthetic model's shape, and
     `exact`'s prefill against `full`'s on both prompts with the short prompt's disk floor."""
-    from swapmoe_gguf.bench_report import floor_targets, prefill_targets
+    from swapmoe_gguf.commands.bench_report import floor_targets, prefill_targets
 
     meta = {"read_mb_s": 2000.0, "prompt_tokens": 64, "long_prompt_tokens": 448,
             "speed_shape": {"moe_layers": 4, "top_k": 8, "expert_bytes": 5_000_000},
@@ -134,8 +135,8 @@ def test_scale_checks_free_disk_before_writing(tmp_path, monkeypatch):
     """`bench --scale` says how much disk it needs, in one line, before writing anything."""
     import collections
 
-    from swapmoe_gguf import bench_scale
-    from swapmoe_gguf.errors import SwapMoEError
+    from swapmoe_gguf.commands import bench_scale
+    from swapmoe_gguf.base.errors import SwapMoEError
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     Usage = collections.namedtuple("Usage", "total used free")
@@ -146,7 +147,7 @@ def test_scale_checks_free_disk_before_writing(tmp_path, monkeypatch):
 
 
 def test_scale_table_and_targets():
-    from swapmoe_gguf.bench_scale import render, targets
+    from swapmoe_gguf.commands.bench_scale import render, targets
 
     row = lambda p, tok, s=None: {"policy": p, "budget": "8GiB", "decode_tok_s": tok, "prefill_tok_s": 1.0,  # noqa: E731
                                   "p50_ms": 1.0, "peak_rss": 1 << 30, "disk_bytes_per_token": 1 << 20,

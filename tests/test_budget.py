@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from swapmoe_gguf.budget import Budget, BudgetError, estimate, parse_budget, plan_slots
+from swapmoe_gguf.residency.budget import Budget, BudgetError, estimate, parse_budget, plan_slots
 from swapmoe_gguf.converters import convert
 from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
-from swapmoe_gguf.gguf_info import read_gguf
+from swapmoe_gguf.fileformat.reader import read_gguf
 
 
 @pytest.mark.parametrize("text,expected", [

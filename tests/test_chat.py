@@ -24,7 +24,7 @@ def test_one_shot_prompt_prints_answer_and_status(model):
 
 
 def test_model_without_chat_template_continues_the_text(stories_moe):
-    from swapmoe_gguf.gguf_info import read_gguf
+    from swapmoe_gguf.fileformat.reader import read_gguf
 
     assert read_gguf(stories_moe).get("tokenizer.chat_template") is None
     r = run_cli("chat", "-m", str(stories_moe), "-p", "Once upon a time", "--temp", "0")
@@ -35,8 +35,8 @@ def test_model_without_chat_template_continues_the_text(stories_moe):
 
 
 def test_context_defaults_to_the_training_context(model, tmp_path):
-    from swapmoe_gguf.gguf_info import read_gguf
-    from swapmoe_gguf.settings import DEFAULT_CTX, ModelSettings, default_ctx
+    from swapmoe_gguf.fileformat.reader import read_gguf
+    from swapmoe_gguf.serving.settings import DEFAULT_CTX, ModelSettings, default_ctx
 
     trained = read_gguf(model).params.n_ctx_train
     assert default_ctx(model) == min(DEFAULT_CTX, trained)
@@ -128,9 +128,9 @@ def test_ctrl_c_stops_an_answer_not_the_chat(model):
 def test_n_predict_is_exact_inside_a_utf8_character(model):
     """-n counts tokens as llama-cli does, also while the text ends inside a UTF-8 character (where
     llama-cpp-python's own max_tokens test is skipped): a bias forcing a 3-byte lead byte forever."""
-    from swapmoe_gguf.generate import stream
+    from swapmoe_gguf.serving.generate import stream
     from swapmoe_gguf.runtime import SwapMoELlama
-    from swapmoe_gguf.settings import SamplingSettings
+    from swapmoe_gguf.serving.settings import SamplingSettings
 
     llm = SwapMoELlama(model, policy="static", experts_per_layer=3, n_ctx=256, n_threads=1, verbose=False)
     try:

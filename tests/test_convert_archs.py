@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ARCH_CONFIGS, hf_logits, hf_tokens, llama_logits
 from swapmoe_gguf.converters import convert
-from swapmoe_gguf.gguf_info import read_gguf
+from swapmoe_gguf.fileformat.reader import read_gguf
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:

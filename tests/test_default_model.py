@@ -60,7 +60,7 @@ def test_exported_checkpoint_converts_and_matches_transformers(trained, tmp_path
 
 
 def test_eval_full_against_itself_and_exact(trained, tmp_path):
-    from swapmoe_gguf.evaluate import Chunk, chunk_tokens, evaluate, run_eval
+    from swapmoe_gguf.commands.evaluate import Chunk, chunk_tokens, evaluate, run_eval
     from swapmoe_gguf.runtime import SwapMoELlama
 
     out = tmp_path / "m.gguf"
@@ -87,7 +87,7 @@ def test_eval_full_against_itself_and_exact(trained, tmp_path):
 
 
 def test_eval_mixed_stream_interleaves_domains_and_reports_each(trained, tmp_path):
-    from swapmoe_gguf.evaluate import render, run_eval, stream_chunks
+    from swapmoe_gguf.commands.evaluate import render, run_eval, stream_chunks
     from swapmoe_gguf.runtime import SwapMoELlama
 
     out = tmp_path / "m.gguf"

@@ -1,4 +1,4 @@
-"""The parallel generation engine (swapmoe_gguf/engine.py) on a real model: slots batched into one
+"""The parallel generation engine (swapmoe_gguf/serving/engine.py) on a real model: slots batched into one
 llama_decode give the same tokens as one request at a time, the prompt cache, stop words, grammars,
 context shift, slot save/restore, the queue limit."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from swapmoe_gguf.engine import Done, Engine, EngineError, QueueFull, Request, SamplingParams, Token
+from swapmoe_gguf.serving.engine import Done, Engine, EngineError, QueueFull, Request, SamplingParams, Token
 from swapmoe_gguf.runtime import SwapMoELlama
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -8,11 +8,11 @@ from gguf.quants import dequantize
 
 from swapmoe_gguf.converters import convert
 from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
-from swapmoe_gguf.expert_compute import ExpertFFN, ffn_spec, run_expert
-from swapmoe_gguf.expert_store import ExpertReadError, ExpertStore
-from swapmoe_gguf.gguf_info import read_gguf
-from swapmoe_gguf.policies import stream_picks
-from swapmoe_gguf.routing import GraphNode, Routed
+from swapmoe_gguf.llamacpp.expert_compute import ExpertFFN, ffn_spec, run_expert
+from swapmoe_gguf.store.expert_store import ExpertReadError, ExpertStore
+from swapmoe_gguf.fileformat.reader import read_gguf
+from swapmoe_gguf.residency.policies import stream_picks
+from swapmoe_gguf.llamacpp.routing import GraphNode, Routed
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import threading
 import numpy as np
 import pytest
 
-from swapmoe_gguf.demo import default_model, shipped_heldout
-from swapmoe_gguf.errors import SwapMoEError
-from swapmoe_gguf.evaluate import read_texts, run_eval
+from swapmoe_gguf.converters.default_model import default_model, shipped_heldout
+from swapmoe_gguf.base.errors import SwapMoEError
+from swapmoe_gguf.commands.evaluate import read_texts, run_eval
 from swapmoe_gguf.runtime import SwapMoELlama
-from swapmoe_gguf.scheduler import SchedulerConfig
+from swapmoe_gguf.residency.scheduler import SchedulerConfig
 
 KW = dict(n_ctx=256, n_threads=2, verbose=False, seed=1)
 
@@ -80,7 +80,7 @@ def test_exact_prompt_in_one_graph_equals_full(model):
 def test_exact_prompt_in_micro_batches_where_the_ffn_is_not_reproduced(model, monkeypatch):
     """A model whose expert FFN expert_compute does not reproduce: prompts run S // k = 4 tokens per
     graph (their experts always fit), equal to `full` at the same micro-batch."""
-    import swapmoe_gguf.runtime as runtime
+    import swapmoe_gguf.runtime.llama as runtime
 
     monkeypatch.setattr(runtime, "ffn_spec", lambda nodes, tensors: "not reproduced (test)")
     prompt = list(range(40, 72))
@@ -130,11 +130,11 @@ def test_a_plan_s_that_leaves_no_room_for_the_floor_is_lowered(model, monkeypatc
     process figure grows with every model this process has built, which would drown the difference."""
     import functools
 
-    import swapmoe_gguf.runtime as runtime
-    from swapmoe_gguf.budget import Budget, estimate
-    from swapmoe_gguf.gguf_info import read_gguf
-    from swapmoe_gguf.planner import make_plan
-    from swapmoe_gguf.profile import DeviceProfile, model_fingerprint
+    import swapmoe_gguf.runtime.llama as runtime
+    from swapmoe_gguf.residency.budget import Budget, estimate
+    from swapmoe_gguf.fileformat.reader import read_gguf
+    from swapmoe_gguf.planning.planner import make_plan
+    from swapmoe_gguf.planning.profile import DeviceProfile, model_fingerprint
 
     base = 100 << 20
     monkeypatch.setattr(runtime, "estimate", functools.partial(estimate, baseline=base))

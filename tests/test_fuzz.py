@@ -12,9 +12,9 @@ import pytest
 
 from swapmoe_gguf.converters import convert
 from swapmoe_gguf.converters.safetensors_io import Checkpoint
-from swapmoe_gguf.errors import SwapMoEError
-from swapmoe_gguf.gguf_info import read_gguf
-from swapmoe_gguf.inspect import summary
+from swapmoe_gguf.base.errors import SwapMoEError
+from swapmoe_gguf.fileformat.reader import read_gguf
+from swapmoe_gguf.commands.inspect import summary
 
 SECONDS = float(os.environ.get("SWAPMOE_FUZZ_SECONDS", "6"))
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from swapmoe_gguf import expert_store, norms_cache
+from swapmoe_gguf.fileformat import norms as norms_cache
+from swapmoe_gguf.store import expert_store
 from swapmoe_gguf.converters import convert
-from swapmoe_gguf.errors import GGUFFormatError, LayoutError
-from swapmoe_gguf.gguf_info import read_gguf
+from swapmoe_gguf.base.errors import GGUFFormatError, LayoutError
+from swapmoe_gguf.fileformat.reader import read_gguf
 from swapmoe_gguf.runtime import SwapMoELlama
 from test_split import write_copy
 
@@ -153,7 +154,7 @@ def test_non_moe_file_is_still_refused(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from swapmoe_gguf.vmodel import VirtualExpertModel
+    from swapmoe_gguf.llamacpp.vmodel import VirtualExpertModel
 
     with pytest.raises(LayoutError, match="not a Mixture-of-Experts"):
         VirtualExpertModel(path, 2)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import llama_logits, run_cli
-from swapmoe_gguf.constants import PAGE_ALIGNMENT
+from swapmoe_gguf.fileformat.constants import PAGE_ALIGNMENT
 from swapmoe_gguf.converters import convert
-from swapmoe_gguf.gguf_info import read_gguf
+from swapmoe_gguf.fileformat.reader import read_gguf
 
 
 def _tensor_hashes(path) -> dict[str, str]:

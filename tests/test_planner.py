@@ -7,12 +7,12 @@ import time
 import pytest
 
 from conftest import run_cli
-from swapmoe_gguf.budget import Budget, BudgetError
+from swapmoe_gguf.residency.budget import Budget, BudgetError
 from swapmoe_gguf.converters import convert
 from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
-from swapmoe_gguf.gguf_info import read_gguf
-from swapmoe_gguf.planner import Plan, PlanError, make_plan
-from swapmoe_gguf.profile import DeviceProfile, model_fingerprint
+from swapmoe_gguf.fileformat.reader import read_gguf
+from swapmoe_gguf.planning.planner import Plan, PlanError, make_plan
+from swapmoe_gguf.planning.profile import DeviceProfile, model_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,8 @@ def test_plan_cli_profiles_and_writes_json(model, tmp_path):
 
 
 def test_floor_pick_follows_the_target():
-    from swapmoe_gguf.errors import SwapMoEError
-    from swapmoe_gguf.floor_tuning import FloorPoint, parse_target, pick
+    from swapmoe_gguf.base.errors import SwapMoEError
+    from swapmoe_gguf.planning.floor_tuning import FloorPoint, parse_target, pick
 
     pts = [FloorPoint(1.0, 100.0, 0.30, 0.0), FloorPoint(0.5, 90.0, 0.10, 0.2), FloorPoint(0.2, 60.0, 0.02, 0.6),
            FloorPoint(0.1, 30.0, 0.005, 0.9)]

@@ -72,13 +72,14 @@ def test_static_never_swaps_and_equals_fixed_build(models):
 
 
 def test_static_calibration_is_cached_per_model_text_and_slots(models, tmp_path, monkeypatch):
-    from swapmoe_gguf import calib_cache, policies
+    from swapmoe_gguf.planning import calib_cache
+    from swapmoe_gguf.residency import policies
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = str(models["qwen3moe"])
     calls = []
     real = policies.calibrate
-    monkeypatch.setattr("swapmoe_gguf.runtime.calibrate", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("swapmoe_gguf.runtime.llama.calibrate", lambda *a: calls.append(1) or real(*a))
     sets = []
     for _ in range(2):
         st = SwapMoELlama(path, policy="static", experts_per_layer=2, **KW)
@@ -86,10 +87,7 @@ def test_static_calibration_is_cached_per_model_text_and_slots(models, tmp_path,
         info, chunk = st.vmodel.info, policies.calib_chunk(st)
         st.close()
     assert len(calls) == 1 and sets[0] == sets[1]  # the second build read the cache
-    from importlib import resources
-
-    cached = calib_cache.calib_path(info, (resources.files("swapmoe_gguf") / "data" / "calibration.txt")
-                                    .read_text(encoding="utf-8"), 2, chunk)
+    cached = calib_cache.calib_path(info, calib_cache.default_calibration_text(), 2, chunk)
     assert cached.is_file()
     cached.write_text("{not json")  # a damaged cache is ignored and rewritten
     st = SwapMoELlama(path, policy="static", experts_per_layer=2, **KW)
@@ -104,7 +102,7 @@ def test_static_calibration_is_cached_per_model_text_and_slots(models, tmp_path,
 
 def test_swapmoe_swaps_between_decodes_and_tracks_the_router(models):
     path = str(models["mixtral"])
-    from swapmoe_gguf.scheduler import SchedulerConfig
+    from swapmoe_gguf.residency.scheduler import SchedulerConfig
 
     rt = SwapMoELlama(path, experts_per_layer=2, scheduler=SchedulerConfig(decay=0.8, interval=2, quota=1, margin=1.05),
                       initial_experts={0: [0, 1], 1: [0, 1]}, **KW)
@@ -147,7 +145,7 @@ def test_budget_that_fits_everything_runs_full(models):
 
 
 def test_set_budget_rebuilds_with_new_slot_count(models):
-    from swapmoe_gguf.budget import BudgetError
+    from swapmoe_gguf.residency.budget import BudgetError
 
     path = str(models["mixtral"])
     rt = SwapMoELlama(path, experts_per_layer=2, logits_all=True, **KW)

@@ -7,8 +7,8 @@ import ctypes
 import numpy as np
 import pytest
 
-from swapmoe_gguf.ggml import GGMLTensor, ggml
-from swapmoe_gguf.repack import Repacker, repack_buft
+from swapmoe_gguf.llamacpp.ggml import GGMLTensor, ggml
+from swapmoe_gguf.llamacpp.repack import Repacker, repack_buft
 
 # ggml types ggml-cpu has repack layouts for (which of them apply depends on the CPU)
 TYPES = {"Q4_0": 2, "Q8_0": 8, "Q2_K": 10, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "MXFP4": 39}

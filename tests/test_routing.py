@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from swapmoe_gguf.routing import GatingSpec, GraphNode, RoutingError, hit_shares, route, slot_mask_values
+from swapmoe_gguf.llamacpp.routing import GatingSpec, GraphNode, RoutingError, hit_shares, route, slot_mask_values
 
 rng = np.random.default_rng(0)
 
@@ -92,7 +92,7 @@ PROMPT = b"Once upon a time there was a little girl named Lily. She"
 
 def _llama_routing(path: str) -> dict:
     """Per MoE layer: (ours, llama.cpp's) selected experts [n_tok, k] and final weights [n_tok, k], policy full."""
-    from swapmoe_gguf.ggml import ggml
+    from swapmoe_gguf.llamacpp.ggml import ggml
     from swapmoe_gguf.runtime import SwapMoELlama
 
     rt = SwapMoELlama(path, policy="full", n_ctx=64, n_batch=64, n_threads=2)
@@ -192,7 +192,7 @@ def test_grouped_router_with_a_slot_count_groups_do_not_divide(slots):
 def test_decode_step_routes_layers_together_as_one_by_one():
     """The tap's decode-step fast path (all layers' single rows routed in one pass) equals routing each
     layer alone, per-layer selection biases included."""
-    from swapmoe_gguf.router import FullRouter, RouterTap
+    from swapmoe_gguf.llamacpp.router import FullRouter, RouterTap
 
     r = np.random.default_rng(3)
     w = {l: r.standard_normal((8, 16)).astype(np.float32) for l in (1, 2, 4)}

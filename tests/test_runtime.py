@@ -9,10 +9,11 @@ import pytest
 
 from conftest import ARCH_CONFIGS
 from swapmoe_gguf.converters import convert
-from swapmoe_gguf.errors import LayoutError
-from swapmoe_gguf.gguf_info import dequantize, read_gguf
+from swapmoe_gguf.base.errors import LayoutError
+from swapmoe_gguf.fileformat.info import dequantize
+from swapmoe_gguf.fileformat.reader import read_gguf
 from swapmoe_gguf.runtime import SwapMoELlama
-from swapmoe_gguf.vmodel import VirtualExpertModel
+from swapmoe_gguf.llamacpp.vmodel import VirtualExpertModel
 
 TOKENS = [1, 5, 9, 30, 2, 7, 8, 11]
 SETTINGS = dict(n_ctx=128, n_threads=2, logits_all=True, verbose=False, flash_attn=True)
@@ -76,7 +77,7 @@ def test_swap_at_runtime_equals_fresh_build(converted):
 
 def _capture(vm: VirtualExpertModel, layer: int, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Router input and MoE output of `layer`, read from llama.cpp's graph with an eval callback."""
-    from swapmoe_gguf.ggml import ggml
+    from swapmoe_gguf.llamacpp.ggml import ggml
 
     g, want, got = ggml(), {f"ffn_moe_logits-{layer}".encode(), f"ffn_moe_out-{layer}".encode()}, {}
 

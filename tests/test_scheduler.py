@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from swapmoe_gguf.routing import _softmax as softmax
-from swapmoe_gguf.scheduler import ImportanceScheduler, SchedulerConfig
+from swapmoe_gguf.llamacpp.routing import _softmax as softmax
+from swapmoe_gguf.residency.scheduler import ImportanceScheduler, SchedulerConfig
 
 N, S, K = 16, 4, 2
 

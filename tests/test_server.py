@@ -277,7 +277,7 @@ def test_faults_while_serving(tiny_gguf, tmp_path):
     import shutil
     import threading
 
-    from swapmoe_gguf.gguf_info import read_gguf
+    from swapmoe_gguf.fileformat.reader import read_gguf
 
     victim = tmp_path / "victim.gguf"
     shutil.copy(tiny_gguf, victim)
@@ -378,9 +378,9 @@ def test_vertex_ai_predict_route(model):
 
 def test_defaults_are_safe(model):
     """Loopback only unless told otherwise; no API route takes a file path from the client."""
-    from swapmoe_gguf.cli import build_parser
+    from swapmoe_gguf.commands.cli import build_parser
     from swapmoe_gguf.runtime import SwapMoELlama
-    from swapmoe_gguf.server import ServerSettings, create_app
+    from swapmoe_gguf.serving.server import ServerSettings, create_app
 
     a = build_parser().parse_args(["serve"])
     assert a.host == "127.0.0.1" and a.api_key is None and a.parallel == 1 and not a.metrics

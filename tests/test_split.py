@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import llama_logits, run_cli
-from swapmoe_gguf.errors import GGUFFormatError
-from swapmoe_gguf.gguf_info import read_gguf
+from swapmoe_gguf.base.errors import GGUFFormatError
+from swapmoe_gguf.fileformat.reader import read_gguf
 
 TOKENS = [[1, 5, 9, 30, 2, 7], [3, 200, 17]]
 

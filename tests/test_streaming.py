@@ -9,7 +9,7 @@ import numpy as np
 from swapmoe_gguf.converters.tiny_checkpoint import write_tiny_mixtral
 
 # VmHWM (not ru_maxrss, which on Linux keeps the parent's RSS across fork+exec).
-_PEAK = ("import sys\nfrom swapmoe_gguf.cli import main\nrc = main(sys.argv[1:])\n"
+_PEAK = ("import sys\nfrom swapmoe_gguf.commands.cli import main\nrc = main(sys.argv[1:])\n"
          "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\nsys.exit(rc)\n")
 
 

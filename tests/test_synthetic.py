@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from swapmoe_gguf.converters.synthetic import SyntheticShape, write_synthetic_moe
-from swapmoe_gguf.errors import ConvertError
-from swapmoe_gguf.gguf_info import dequantize, read_gguf
+from swapmoe_gguf.base.errors import ConvertError
+from swapmoe_gguf.fileformat.info import dequantize
+from swapmoe_gguf.fileformat.reader import read_gguf
 from swapmoe_gguf.runtime import SwapMoELlama
 
 SMALL = SyntheticShape(layers=2, hidden=512, ffn=256, experts=16, top_k=4, heads=8, kv_heads=2)
@@ -67,7 +68,7 @@ def test_process_exits_with_swaps_in_flight_and_no_close(synth):
 
     code = f"""
 from swapmoe_gguf.runtime import SwapMoELlama
-from swapmoe_gguf.scheduler import SchedulerConfig
+from swapmoe_gguf.residency.scheduler import SchedulerConfig
 llm = SwapMoELlama({str(synth)!r}, policy="swapmoe", experts_per_layer=4, n_ctx=64, verbose=False,
                    scheduler=SchedulerConfig(quota=4, interval=1, commit_rate=0.01))
 toks = llm.tokenize(b"the quick brown fox jumps over the lazy dog")

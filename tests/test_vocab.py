@@ -5,7 +5,7 @@ import numpy as np
 
 from conftest import PROMPTS, hf_logits, llama_logits, make_hf_model
 from swapmoe_gguf.converters import convert
-from swapmoe_gguf.gguf_info import read_gguf
+from swapmoe_gguf.fileformat.reader import read_gguf
 
 
 def _llama_tokenize(path, text: str, add_bos: bool) -> list[int]:

@@ -1,0 +1,294 @@
+"""What `swapmoe bench` writes: a markdown table, a JSON file and a two-panel PNG, plus the targets.
+
+Targets (issue #6): on the trained model with half the experts resident, swapmoe's KL to full
+<= 1/3 of static's and its perplexity increase <= 1/3 of static's; on the synthetic model at the
+same S, swapmoe decode >= 0.95x static and >= 3x exact; peak RSS within budget in every cell.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..base.atomic import atomic_output
+from ..residency.budget import fmt
+
+
+def _f(v: Any, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _name(r: dict) -> str:
+    """A row's policy, with its quality floor when it has one."""
+    tau = r.get("max_dropped_mass", 1.0)
+    name = "llama-cpp-python (plain)" if r["policy"] == "plain" else r["policy"]
+    return name if tau is None or tau >= 1.0 else f"{name} (floor {tau:g})"
+
+
+def _plain_rows(rows: list[dict]) -> list[dict]:
+    """Rows without a quality floor (the policies the targets compare)."""
+    return [r for r in rows if r.get("max_dropped_mass", 1.0) >= 1.0]
+
+
+def speed_table(rows: list[dict]) -> str:
+    out = ["| policy | budget | S | decode tok/s | prefill tok/s | long prefill tok/s | TTFT ms | p50 ms | p99 ms | "
+           "peak RSS | budget bytes | disk read / token | hit rate | swaps / token | bound ms / token | x bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = "-" if r["experts_per_layer"] is None else f"{r['experts_per_layer']}/{r['n_expert']}"
+        ok = "" if r["within_budget"] is None else (" ok" if r["within_budget"] else " **over**")
+        out.append(f"| {_name(r)} | {r['budget_pct']:g}% | {s} | {_f(r['decode_tok_s'])} | {_f(r['prefill_tok_s'])} | "
+                   f"{_f(r.get('prefill_long_tok_s'))} | {_f(r['ttft_ms'], '.0f')} | {_f(r['p50_ms'], '.1f')} | {_f(r['p99_ms'], '.1f')} | "
+                   f"{fmt(r['peak_rss']) if r['peak_rss'] else '-'}{ok if r['policy'] != 'plain' else ''} | "
+                   f"{fmt(r['budget_bytes']) if r['budget_bytes'] else '-'} | "
+                   f"{fmt(r['disk_bytes_per_token']) if r['disk_bytes_per_token'] is not None else '-'} | "
+                   f"{_f(r['hit_rate'], '.3f')} | {_f(r['swaps_per_token'], '.2f')} | "
+                   f"{_f(r.get('bound_ms'), '.2f')} | {_f(r.get('x_bound'), '.2f')} |"
+                   + (f" errors: {'; '.join(r['errors'])}" if r["errors"] else ""))
+    return "\n".join(out)
+
+
+def _type_pairs(types: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(type, full row, plain row) for each measured type."""
+    by = {(r["label"], r["policy"]): r for r in types}
+    return [(t, by[(t, "full")], by[(t, "plain")]) for t in dict.fromkeys(r["label"] for r in types)
+            if (t, "full") in by and (t, "plain") in by]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def types_table(types: list[dict]) -> str:
+    out = ["| type | tensors repacked | plain decode tok/s | SwapMoE `full` (ratio) | plain prefill tok/s | "
+           "SwapMoE `full` (ratio) | peak RSS plain / full |", "|---|---|---|---|---|---|---|"]
+    for t, f, p in _type_pairs(types):
+        rd, rp = _ratio(f["decode_tok_s"], p["decode_tok_s"]), _ratio(f["prefill_tok_s"], p["prefill_tok_s"])
+        out.append(f"| {t.upper()} | {_f(f['repacked_tensors'], 'd')} | {_f(p['decode_tok_s'])} | "
+                   f"{_f(f['decode_tok_s'])} ({_f(rd, '.2f')}) | {_f(p['prefill_tok_s'])} | {_f(f['prefill_tok_s'])} "
+                   f"({_f(rp, '.2f')}) | {fmt(p['peak_rss']) if p['peak_rss'] else '-'} / "
+                   f"{fmt(f['peak_rss']) if f['peak_rss'] else '-'} |"
+                   + (f" errors: {'; '.join(f['errors'] + p['errors'])}" if f["errors"] or p["errors"] else ""))
+    return "\n".join(out)
+
+
+def quality_table(rows: list[dict]) -> str:
+    out = ["| policy | share of experts | S | perplexity | KL vs full | top-1 agreement | hit rate | swaps |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {_name(r)} | {r['budget_pct']:g}% | {r['experts_per_layer']}/{r['n_expert']} | "
+                   f"{r['ppl']:.3f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | {_f(r['hit_rate'], '.3f')} | "
+                   f"{r['swaps']} |")
+    return "\n".join(out)
+
+
+def targets(speed: list[dict], quality: list[dict], types: list[dict] | None = None,
+            meta: dict | None = None) -> list[str]:
+    """One line per target: the measured value, the target, met or not."""
+    lines = floor_targets(speed, quality, meta or {})
+    speed, quality = _plain_rows(speed), _plain_rows(quality)
+    for t, f, p in _type_pairs(types or []):
+        rd, rp = _ratio(f["decode_tok_s"], p["decode_tok_s"]), _ratio(f["prefill_tok_s"], p["prefill_tok_s"])
+        if rd is not None and rp is not None:
+            met = "met" if min(rd, rp) >= 0.95 else "missed"
+            lines.append(f"stock speed on {t.upper()}: full/plain decode = {rd:.2f}, prefill = {rp:.2f} "
+                         f"(target >= 0.95: {met})")
+    lines += quality_targets(quality)
+    by = {(r["policy"], r["budget_pct"]): r for r in speed}
+    for b in sorted({r["budget_pct"] for r in speed if r["budget_pct"] < 100}, reverse=True):
+        sw, st, ex = by.get(("swapmoe", b)), by.get(("static", b)), by.get(("exact", b))
+        if sw and st and ex and sw["decode_tok_s"] and st["decode_tok_s"] and ex["decode_tok_s"]:
+            a, c = sw["decode_tok_s"] / st["decode_tok_s"], sw["decode_tok_s"] / ex["decode_tok_s"]
+            lines.append(f"speed at {b:g}%: swapmoe/static = {a:.2f} (target >= 0.95: {'met' if a >= 0.95 else 'missed'})"
+                         f", swapmoe/exact = {c:.2f} (target >= 3: {'met' if c >= 3 else 'missed'})")
+    for r in speed:
+        if r["policy"] == "exact" and r.get("x_bound") is not None:
+            lines.append(f"exact decode at {r['budget_pct']:g}%: {r['x_bound']:.2f}x its bound (full's compute + "
+                         f"its bytes read at the measured bandwidth; target <= 1.5: "
+                         f"{'met' if r['x_bound'] <= 1.5 else 'missed'})")
+    lines += prefill_targets(speed, meta or {})
+    over = [f"{r['policy']}@{r['budget_pct']:g}%" for r in speed if r["within_budget"] is False and r["policy"] != "plain"]
+    lines.append("peak RSS within budget in every cell: " + ("yes" if not over else "NO: " + ", ".join(over)))
+    return lines
+
+
+def quality_targets(quality: list[dict]) -> list[str]:
+    """Issue #13, on the mixed-domain stream: swapmoe's KL at most static's at every budget, at most 1/4 of
+    it (and 1/4 of the perplexity increase) at half the experts, at most 1/2 at a quarter."""
+    full = next((r for r in quality if r["policy"] == "full"), None)
+    q = {(r["policy"], r["budget_pct"]): r for r in quality}
+    budgets = sorted({b for p, b in q if p != "full"}, reverse=True)
+    pairs = [(b, q[("swapmoe", b)], q[("static", b)]) for b in budgets if ("swapmoe", b) in q and ("static", b) in q]
+    if not full or not pairs:
+        return []
+    ratio = {b: sw["kl"] / st["kl"] if st["kl"] > 0 else float("nan") for b, sw, st in pairs}
+    lines = ["quality, KL swapmoe/static at every budget: " + ", ".join(f"{ratio[b]:.2f} at {b:g}%" for b, _, _ in pairs)
+             + f" (target <= 1: {'met' if all(r <= 1 for r in ratio.values()) else 'missed'})"]
+    for want, limit in ((50, 0.25), (25, 0.5)):
+        b, sw, st = min(pairs, key=lambda p: abs(p[0] - want))
+        if abs(b - want) > 10:
+            continue
+        text = f"quality at {b:g}% of the experts: KL swapmoe/static = {ratio[b]:.2f} (target <= {limit:g}: " \
+               f"{'met' if ratio[b] <= limit else 'missed'})"
+        if want == 50:
+            dppl_s = st["ppl"] - full["ppl"]
+            dppl = (sw["ppl"] - full["ppl"]) / dppl_s if dppl_s > 0 else float("nan")
+            text += f"; perplexity increase swapmoe/static = {dppl:.2f} (target <= {limit:g}: " \
+                    f"{'met' if dppl <= limit else 'missed'})"
+        lines.append(text)
+    return lines
+
+
+def prefill_targets(speed: list[dict], meta: dict) -> list[str]:
+    """Issue #14: `exact` prefill >= 0.5x `full`'s at 50 %, on the short prompt and the long one, with
+    the short prompt's disk floor: the bytes it had to read at the measured bandwidth, against full's time."""
+    full = next((r for r in speed if r["policy"] == "full" and r["prefill_tok_s"]), None)
+    lines = []
+    for r in speed:
+        if r["policy"] != "exact" or full is None or not r["prefill_tok_s"]:
+            continue
+        parts = [(f"{meta.get('prompt_tokens', '?')}-token", r["prefill_tok_s"] / full["prefill_tok_s"])]
+        if r.get("prefill_long_tok_s") and full.get("prefill_long_tok_s"):
+            parts.append((f"{meta.get('long_prompt_tokens', '?')}-token",
+                          r["prefill_long_tok_s"] / full["prefill_long_tok_s"]))
+        text = f"exact prefill at {r['budget_pct']:g}%: " + ", ".join(
+            f"{x:.2f}x full's on the {n} prompt (target >= 0.5: {'met' if x >= 0.5 else 'missed'})" for n, x in parts)
+        bw = meta.get("read_mb_s")
+        if r.get("prefill_read_bytes") and bw and full.get("ttft_ms"):
+            io_ms = r["prefill_read_bytes"] / (bw * 1e6) * 1e3
+            text += f"; the short prompt read {fmt(r['prefill_read_bytes'])}, {io_ms:.0f} ms at the measured " \
+                    f"bandwidth alone: {io_ms / full['ttft_ms']:.2f}x full's whole prefill"
+        lines.append(text)
+    return lines
+
+
+def floor_targets(speed: list[dict], quality: list[dict], meta: dict) -> list[str]:
+    """Issue #14: at half the experts, a floor with KL <= 1/3 of plain swapmoe's and decode >= 0.7x its speed.
+    The synthetic model's random routing makes the floor act on nearly every token, so the decode
+    ratio is also priced: the share of expert selections the floor loaded on the trained model (beyond
+    plain swapmoe's swaps, decode steps only), as bytes on the synthetic model's shape at the measured
+    bandwidth, added to plain swapmoe's measured time per token there."""
+    lines = []
+    sshape, qshape, bw = meta.get("speed_shape"), meta.get("quality_shape"), meta.get("read_mb_s")
+    for r in quality:
+        tau = r.get("max_dropped_mass", 1.0)
+        if tau >= 1.0:
+            continue
+        base = next((q for q in quality if q["policy"] == "swapmoe" and q["budget_pct"] == r["budget_pct"]
+                     and q.get("max_dropped_mass", 1.0) >= 1.0), None)
+        fast = next((x for x in speed if x["policy"] == "swapmoe" and x["budget_pct"] == r["budget_pct"]
+                     and x.get("max_dropped_mass", 1.0) >= 1.0), None)
+        slow = next((x for x in speed if x["policy"] == "swapmoe" and x["budget_pct"] == r["budget_pct"]
+                     and x.get("max_dropped_mass", 1.0) == tau), None)
+        if base is None or not base["kl"]:
+            continue
+        kl = r["kl"] / base["kl"]
+        line = f"floor {tau:g} at {r['budget_pct']:g}%: KL floor/swapmoe = {kl:.2f} (target <= 0.33: " \
+               f"{'met' if kl <= 1 / 3 else 'missed'})"
+        if fast and slow and fast["decode_tok_s"] and slow["decode_tok_s"]:
+            sp = slow["decode_tok_s"] / fast["decode_tok_s"]
+            line += f", decode floor/swapmoe = {sp:.2f} on the synthetic model's random routing (target >= 0.7: " \
+                    f"{'met' if sp >= 0.7 else 'missed'})"
+        if fast and fast["decode_tok_s"] and sshape and qshape and bw and r.get("decode_tokens"):
+            share = max(0, r["decode_swaps"] - base.get("decode_swaps", 0)) / (
+                r["decode_tokens"] * qshape["moe_layers"] * qshape["top_k"])
+            extra_ms = share * sshape["moe_layers"] * sshape["top_k"] * sshape["expert_bytes"] / (bw * 1e6) * 1e3
+            priced = 1e3 / fast["decode_tok_s"] / (1e3 / fast["decode_tok_s"] + extra_ms)
+            line += f"; priced with the trained model's routing ({share:.1%} of expert selections loaded on " \
+                    f"demand beyond swapmoe's swaps: {extra_ms:.1f} ms per token on the synthetic model) = " \
+                    f"{priced:.2f} (target >= 0.7: {'met' if priced >= 0.7 else 'missed'})"
+        lines.append(line)
+    return lines
+
+
+def domain_table(rows: list[dict]) -> str:
+    """Per domain of a mixed stream: KL (perplexity) of each row; empty for a single text."""
+    if not rows or not rows[0].get("domains"):
+        return ""
+    names = [d["domain"] for d in rows[0]["domains"]]
+    out = ["| policy | share of experts | " + " | ".join(f"{n}: KL (ppl)" for n in names) + " |",
+           "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        out.append(f"| {_name(r)} | {r['budget_pct']:g}% | "
+                   + " | ".join(f"{d['kl']:.4f} ({d['ppl']:.2f})" for d in r["domains"]) + " |")
+    return "\n".join(out)
+
+
+def render(meta: dict, speed: list[dict], quality: list[dict], types: list[dict] | None = None) -> str:
+    head = (f"{meta['date']} · {meta['machine']} · {meta['threads']} threads · {meta['rounds']} interleaved rounds "
+            f"x {meta['n_predict']} tokens · swapmoe {meta['version']}")
+    parts = [f"# swapmoe bench\n\n{head}\n"]
+    if speed:
+        parts.append(f"## Speed and memory: {meta['speed_model']}\n\nBudget: whole-process `--memory-budget`, % of "
+                     "what `full` needs. Page cache dropped before each measured request; each cell a fresh "
+                     "process (peak RSS = its VmHWM). Bound: `full`'s time per token plus the cell's bytes read "
+                     f"per token at {meta.get('read_mb_s', '?')} MB/s (this device's profile).\n\n{speed_table(speed)}\n")
+    if quality:
+        per_domain = domain_table(quality)
+        parts.append(f"## Quality: {meta['quality_model']}\n\n{meta['quality_text']}; each chunk a request "
+                     f"(first half prompt, second half decoded and scored); KL(full || policy).\n\n"
+                     f"{quality_table(quality)}\n" + (f"\nPer domain:\n\n{per_domain}\n" if per_domain else ""))
+    if types:
+        parts.append("## Stock speed by quant type\n\nEvery expert resident (`full`) against plain llama-cpp-python "
+                     "on the same file (Mixtral-shaped, random weights), page cache kept: ggml-cpu repacks these "
+                     f"types' weights for its kernels, and so do the slots.\n\n{types_table(types)}\n")
+    parts.append("## Targets\n\n" + "\n".join(f"- {t}" for t in targets(speed, quality, types, meta)) + "\n")
+    return "\n".join(parts)
+
+
+def plot(path: Path, speed: list[dict], quality: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (qa, sa) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"swapmoe": "tab:blue", "static": "tab:orange", "exact": "tab:green", "full": "black",
+              "plain": "tab:gray"}
+    for pol in ("static", "swapmoe", "exact"):
+        pts = sorted((r["budget_pct"], r["kl"]) for r in _plain_rows(quality) if r["policy"] == pol)
+        if pts:
+            qa.plot(*zip(*pts), "o-", color=colors[pol], label=pol)
+    for tau in sorted({r.get("max_dropped_mass", 1.0) for r in quality} - {1.0}):
+        pts = sorted((r["budget_pct"], r["kl"]) for r in quality if r.get("max_dropped_mass", 1.0) == tau)
+        qa.plot(*zip(*pts), "o--", color="tab:purple", label=f"swapmoe, floor {tau:g}")
+    qa.set_xlabel("experts resident per layer (% of all)")
+    qa.set_ylabel("KL(full || policy), nats / token")
+    qa.set_title("quality vs memory (default model, mixed-domain stream)")
+    qa.grid(alpha=0.3)
+    qa.legend()
+    for pol in ("static", "swapmoe", "exact", "full", "plain"):
+        pts = sorted((r["peak_rss"] / 2 ** 30, r["decode_tok_s"]) for r in _plain_rows(speed)
+                     if r["policy"] == pol and r["peak_rss"] and r["decode_tok_s"])
+        if pts:
+            sa.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", color=colors[pol],
+                    label="llama-cpp-python" if pol == "plain" else pol)
+    for tau in sorted({r.get("max_dropped_mass", 1.0) for r in speed} - {1.0}):
+        pts = sorted((r["peak_rss"] / 2 ** 30, r["decode_tok_s"]) for r in speed
+                     if r.get("max_dropped_mass", 1.0) == tau and r["peak_rss"] and r["decode_tok_s"])
+        if pts:
+            sa.plot(*zip(*pts), "o--", color="tab:purple", label=f"swapmoe, floor {tau:g}")
+    sa.set_xlabel("peak RSS (GiB)")
+    sa.set_ylabel("decode tokens/s")
+    sa.set_title("speed vs memory (synthetic model)")
+    sa.grid(alpha=0.3)
+    sa.legend()
+    fig.tight_layout()
+    with atomic_output(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write(out_dir: Path, meta: dict, speed: list[dict], quality: list[dict], types: list[dict] | None = None,
+          png: bool = True) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out_dir / "bench.md", "json": out_dir / "bench.json"}
+    with atomic_output(paths["table"], force=True) as tmp:
+        tmp.write_text(render(meta, speed, quality, types))
+    with atomic_output(paths["json"], force=True) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "speed": speed, "quality": quality, "types": types or [],
+                                   "targets": targets(speed, quality, types, meta)}, indent=2))
+    if png:
+        paths["png"] = out_dir / "bench.png"
+        plot(paths["png"], speed, quality)
+    return paths

@@ -1,0 +1,195 @@
+"""Profiling-guided planner: a memory budget and a device profile -> S, F, Q.
+
+S (experts per layer) is the largest slot count the budget admits (whole-process accounting,
+`budget.py`). F (update interval, tokens) and Q (swaps per layer per update) are chosen so that
+swap I/O stays hidden behind decoding:
+
+    I/O thread:  Q * n_moe_layers * t_read   <= IO_SHARE  * F * t_decode   (reads overlap decoding)
+    decode side: Q * n_moe_layers * t_swap   <= COMMIT_SHARE * F * t_decode (what a swap adds to decoding:
+                 its commit between steps plus the read competing for cores, measured by the profile)
+
+Scoring a layer's router costs a graph split plus numpy (`t_tap`, measured), so each layer is
+scored on every o-th token (staggered), the smallest o with
+
+    router tap:  n_moe_layers / o * t_tap <= TAP_SHARE * t_decode
+
+and F >= SAMPLES * o, so every update sees enough tokens. Among the (F, Q) pairs that satisfy all
+this, the one with the highest swap capacity Q/F wins (the scheduler adapts fastest), ties going to
+the smaller F. A slow disk therefore raises F and lowers Q. Swaps plus scoring stay within
+COMMIT_SHARE + TAP_SHARE = 5 % of decoding: the `static` model's speed, within 0.95x.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..base.errors import SwapMoEError
+from ..fileformat.info import GGUFInfo
+from ..residency.budget import Budget, BudgetError, MemoryPlan, estimate, fmt, plan_slots
+from ..residency.scheduler import SchedulerConfig
+from .profile import DeviceProfile, model_fingerprint
+
+IO_SHARE = 0.5        # the read thread may be busy half of the decode time
+COMMIT_SHARE = 0.03   # swaps may add at most 3 % to a decode step
+TAP_SHARE = 0.02      # scoring routers may add at most 2 %
+SAMPLES = 8           # scored tokens per layer per update window, at least
+INTERVALS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PLAN_VERSION = 1
+
+
+class PlanError(SwapMoEError):
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int
+    model: str
+    fingerprint: str
+    policy: str
+    budget_bytes: int | None
+    n_ctx: int
+    threads: int
+    experts_per_layer: int
+    n_expert: int
+    interval: int              # F
+    quota: int                 # Q (per layer per update)
+    decay: float
+    margin: float
+    expected_tok_s: float
+    swaps_per_token: float     # upper bound: Q * n_moe_layers / F
+    io_share: float            # read-thread busy share of decode time at full quota
+    commit_share: float
+    memory: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    observe_every: int = 1
+    commit_rate: float = 1.0   # commits per decode step on average (paces a prefill's burst of swaps)
+    max_dropped_mass: float = 1.0  # swapmoe's quality floor τ (floor_tuning.py picks it from a target)
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(decay=self.decay, interval=self.interval, quota=self.quota, margin=self.margin,
+                               observe_every=self.observe_every, commit_rate=self.commit_rate)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> "Plan":
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict):
+                raise TypeError("expected a JSON object")
+            if d.get("version") != PLAN_VERSION:
+                raise PlanError(f"{source}: plan format {d.get('version')!r}, this build reads {PLAN_VERSION}")
+            return cls(**d)
+        except (ValueError, TypeError) as e:
+            raise PlanError(f"{source}: not a swapmoe plan ({e})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Plan":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read plan: {e.strerror or e}") from None
+        return cls.from_json(text, str(path))
+
+    def check_model(self, model_path: str | os.PathLike[str]) -> None:
+        """Refuse a plan made for another model or for an earlier version of this file."""
+        fp = model_fingerprint(model_path)
+        if fp != self.fingerprint:
+            same = Path(model_path).resolve() == Path(self.model)
+            why = "the file changed since the plan was made" if same else f"the plan was made for {self.model}"
+            raise PlanError(f"plan does not match {model_path}: {why} (fingerprint {self.fingerprint} != {fp}); "
+                            "run `swapmoe plan` again")
+
+
+def choose_observe(prof: DeviceProfile, t_dec: float, n_moe_layers: int) -> int:
+    """Score each layer on every o-th token: the smallest o whose scoring cost fits TAP_SHARE."""
+    return next((o for o in INTERVALS if n_moe_layers / o * prof.tap_ms <= TAP_SHARE * t_dec), INTERVALS[-1])
+
+
+def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int,
+                          min_interval: int = 1) -> tuple[int, int, float, float]:
+    t_dec = prof.decode_ms_at(slots)
+    best: tuple[float, int, int] | None = None
+    for f in (f for f in INTERVALS if f >= min(min_interval, INTERVALS[-1])):
+        for q in range(1, slots + 1):
+            io = q * n_moe_layers * prof.read_ms / (f * t_dec)
+            commit = q * n_moe_layers * prof.swap_cost_ms / (f * t_dec)
+            if io <= IO_SHARE and commit <= COMMIT_SHARE:
+                cap = q / f
+                if best is None or cap > best[0] + 1e-12:
+                    best = (cap, f, q)
+    if best is None:  # even one swap every 256 tokens is not hidden: swap rarely, one at a time
+        f, q = INTERVALS[-1], 1
+    else:
+        _, f, q = best
+    return (f, q, q * n_moe_layers * prof.read_ms / (f * t_dec), q * n_moe_layers * prof.swap_cost_ms / (f * t_dec))
+
+
+def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_ctx: int, threads: int,
+              experts_per_layer: int | None = None, baseline: int | None = None,
+              decay: float = SchedulerConfig.decay, margin: float = SchedulerConfig.margin) -> Plan:
+    mem0 = estimate(info, n_ctx=n_ctx, n_batch=min(n_ctx, 512), baseline=baseline)
+    mem: MemoryPlan = plan_slots(mem0, budget, experts_per_layer)
+    n, k, layers = info.n_expert, info.params.n_expert_used, len(info.moe_layers)
+    s = mem.slots
+    reasons = [f"memory: {fmt(mem.total())} = {mem.parts()}"]
+    if budget is not None:
+        reasons.append(f"budget {fmt(budget.resolve(mem.total(n)))} admits {s} of {n} experts per layer "
+                       f"(each slot costs {fmt(mem.per_slot)} across {layers} MoE layers)")
+    if s == n:
+        policy, f, q, io, commit, observe = "full", INTERVALS[-1], 0, 0.0, 0.0, 1
+        reasons.append("everything fits: running the full model (no swapping)")
+        t_dec = prof.decode_ms_at(s)
+    else:
+        policy = "swapmoe"
+        t_dec = prof.decode_ms_at(s)
+        observe = choose_observe(prof, t_dec, layers)
+        f, q, io, commit = choose_interval_quota(prof, s, layers, min_interval=SAMPLES * observe)
+        reasons.append(f"one expert: read {prof.read_ms:.2f} ms ({prof.read_mb_s:.0f} MB/s), commit "
+                       f"{prof.commit_ms:.2f} ms; one swap adds {prof.swap_cost_ms:.2f} ms to decoding; scoring "
+                       f"one layer's router adds {prof.tap_ms:.2f} ms; decode {t_dec:.2f} ms/token at S={s}")
+        if observe > 1:
+            reasons.append(f"router scored on every {observe}th token per layer (staggered) to keep scoring under "
+                           f"{TAP_SHARE:.0%} of decoding; F >= {SAMPLES * observe} so each update sees "
+                           f">= {SAMPLES} tokens per layer")
+        reasons.append(f"F={f}, Q={q}: up to {q * layers} swaps every {f} tokens keep the read thread busy "
+                       f"{io:.0%} of decode time (limit {IO_SHARE:.0%}) and add {commit:.1%} to decoding "
+                       f"(limit {COMMIT_SHARE:.0%})")
+        if s == k:
+            reasons.append(f"S equals top-k ({k}): every token's experts come from the resident set only")
+    # Commits are paced at the planned rate, so a burst proposed after a prompt costs what F/Q allow.
+    rate = round(min(1.0, q * layers / f), 4) if policy == "swapmoe" and q else 1.0
+    if rate < 1.0:
+        reasons.append(f"commits paced at {rate:g} per token (one every {1 / rate:.1f} tokens), also after a prompt")
+    tok_s = 1e3 / (t_dec * (1 + commit + layers / observe * prof.tap_ms / t_dec * (policy == "swapmoe")))
+    return Plan(PLAN_VERSION, str(info.path.resolve()), model_fingerprint(info.path), policy,
+                budget.resolve(mem.total(n)) if budget else None, n_ctx, threads, s, n, f, q, decay, margin,
+                round(tok_s, 2), round(q * layers / f, 4), round(io, 4), round(commit, 4),
+                {"baseline": mem.baseline, "non_expert": mem.non_expert, "rows": mem.rows, "kv_cache": mem.kv_cache,
+                 "compute": mem.compute, "staging": mem.staging, "per_slot": mem.per_slot, "total": mem.total()},
+                reasons, observe_every=observe, commit_rate=rate)
+
+
+def render(plan: Plan) -> str:
+    rows = [
+        ("model", plan.model), ("policy", plan.policy),
+        ("experts per layer (S)", f"{plan.experts_per_layer} of {plan.n_expert}"),
+        ("update interval (F)", f"{plan.interval} tokens"), ("swap quota (Q)", f"{plan.quota} per layer per update"),
+        ("memory", f"{fmt(plan.memory['total'])}" + (f" of {fmt(plan.budget_bytes)} budget" if plan.budget_bytes else "")),
+        ("expected decode", f"{plan.expected_tok_s:.1f} tok/s"),
+        ("quality floor (τ)", "none (1)" if plan.max_dropped_mass >= 1 else f"{plan.max_dropped_mass:g}"),
+        ("swaps per token (max)", f"{plan.swaps_per_token:g}"),
+        ("I/O share of a token", f"{plan.io_share:.1%} read thread, {plan.commit_share:.1%} commit"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k + ':':<{w + 1}} {v}" for k, v in rows]
+    return "\n".join(lines + ["", "why:"] + [f"  - {r}" for r in plan.reasons])
+
+
+__all__ = ["Plan", "PlanError", "make_plan", "render", "choose_interval_quota", "BudgetError"]

@@ -1,0 +1,228 @@
+"""Device profile: what this machine does with this model, measured once and cached.
+
+Measured: reading expert slices from the file with the page cache dropped for those ranges
+(MB/s), committing an expert into a slot (`ggml_backend_tensor_set`), decode time per token at
+two slot counts, prefill speed, and, by decoding in interleaved blocks, what scoring one layer's
+router adds to a step (a graph split plus numpy) and what one asynchronous swap really adds
+(commit, plus the read thread competing with llama.cpp's threads for cores and memory bandwidth).
+Cached per model file and machine under the user cache directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..base.paths import cache_dir
+from ..fileformat.info import GGUFInfo
+from ..residency.protocols import Runtime, RuntimeFactory
+
+log = logging.getLogger(__name__)
+PROFILE_VERSION = 7  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all)
+
+
+def model_fingerprint(path: str | os.PathLike[str]) -> str:
+    """Identity of a model file: size, mtime and a hash of its first MiB (metadata and first tensors)."""
+    p = Path(path)
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+    return f"{st.st_size}-{st.st_mtime_ns}-{h.hexdigest()[:16]}"
+
+
+def machine_id() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node()}-{cpu}-{os.cpu_count()}cpu"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    version: int
+    model: str
+    fingerprint: str
+    machine: str
+    threads: int
+    n_gpu_layers: int
+    expert_bytes: int            # one expert of one layer, all its tensors
+    read_mb_s: float             # expert reads, page cache dropped
+    commit_ms: float             # one expert into a slot
+    decode_ms: dict[int, float]  # slots -> ms per token (router tap off)
+    prefill_tok_s: float
+    seconds: float               # how long profiling took
+    swap_ms: float = 0.0         # decode time one asynchronous swap adds, end to end (>= commit_ms)
+    tap_ms: float = 0.0          # what scoring one MoE layer's router adds to a step (graph split + numpy),
+                                 # measured on steps scoring every layer
+
+    @property
+    def swap_cost_ms(self) -> float:
+        return max(self.swap_ms, self.commit_ms)
+
+    @property
+    def read_ms(self) -> float:
+        return self.expert_bytes / (self.read_mb_s * 1e6) * 1e3
+
+    def decode_ms_at(self, slots: int) -> float:
+        """Linear in the slot count between the measured points, flat outside them: compute is top-k,
+        so S changes little, and extrapolating a noisy slope would not be a measurement."""
+        pts = sorted((int(k), v) for k, v in self.decode_ms.items())
+        if len(pts) == 1 or slots <= pts[0][0]:
+            return pts[0][1]
+        (s0, d0), (s1, d1) = pts[0], pts[-1]
+        if slots >= s1:
+            return d1
+        return d0 + (d1 - d0) * (slots - s0) / max(1, s1 - s0)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DeviceProfile":
+        d = json.loads(text)
+        d["decode_ms"] = {int(k): float(v) for k, v in d["decode_ms"].items()}
+        return cls(**d)
+
+
+def profile_path(info: GGUFInfo, threads: int, n_gpu_layers: int) -> Path:
+    key = hashlib.sha256(f"{info.path.resolve()}|{model_fingerprint(info.path)}|{machine_id()}".encode()).hexdigest()[:20]
+    return cache_dir() / "profiles" / f"{key}-t{threads}-ngl{n_gpu_layers}.json"
+
+
+def time_swaps(vm, layers: int | None = None, experts: int | None = None) -> tuple[list[float], list[float], int]:  # type: ignore[no-untyped-def]
+    """Cycle experts through slot 0 of a `VirtualExpertModel`: (read ms, commit ms, expert bytes).
+    Each read is cold: the file is synced and the expert's pages are dropped first."""
+    fd = vm.store.fd
+    os.fsync(fd)  # dirty pages (a freshly converted file) cannot be dropped
+    reads: list[float] = []
+    commits: list[float] = []
+    nbytes = 0
+    for layer in vm.moe_layers[:layers]:
+        for e in range(min(vm.n_expert, experts or vm.n_expert)):
+            for t in vm.store.layers[layer]:
+                start, end = t.expert_range(e)
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            staged = vm.store.read(layer, e)
+            t1 = time.perf_counter()
+            vm.commit(0, staged)
+            t2 = time.perf_counter()
+            vm.store.release(staged)
+            reads.append(1e3 * (t1 - t0))
+            commits.append(1e3 * (t2 - t1))
+            nbytes = max(nbytes, sum(v.nbytes for v in staged.parts.values()))
+    return reads, commits, nbytes
+
+
+def _trimmed_mean(v: list[float]) -> float:
+    """Mean without the slowest and fastest tenth: robust to this machine's spikes, yet sees costs
+    that are not paid on every step (swaps)."""
+    s = sorted(v)
+    cut = len(s) // 10
+    return statistics.mean(s[cut:len(s) - cut] or s)
+
+
+def _interleaved_decode(rt: Runtime, tok: int, n_vocab: int, cycles: int = 3,
+                        block: int = 8) -> tuple[list[float], list[float], list[float], int]:
+    """Decode steps in interleaved blocks: plain (router tap off), tap on every MoE layer, and one
+    swap requested per step (read in the background, committed between steps, as swapmoe does).
+    Returns the three step-time lists (seconds) and the swaps committed in the third."""
+    vm = rt.vmodel
+    cold = [(l, e) for l in vm.moe_layers for e in range(vm.n_expert) if e not in vm.slot_map[l]]
+    plain: list[float] = []
+    tapped: list[float] = []
+    swapping: list[float] = []
+    swaps, i = 0, 0
+    for _ in range(cycles):
+        for kind, out in (("plain", plain), ("tap", tapped), ("swap", swapping)):
+            rt.tap.enabled = kind == "tap"
+            # every layer scored on every step, and the cost divided by the layers (measure): one
+            # layer's share is below this machine's step-to-step noise on a model of many layers
+            # (48 layers: about 0.1 ms of a 65 ms step, which one-layer blocks measured as 2 ms)
+            rt.tap.stride = 1
+            before = rt.telemetry_.swaps
+            for _ in range(block):
+                if kind == "swap" and cold:
+                    layer, e = cold[i % len(cold)]
+                    i += 1
+                    if e not in vm.slot_map[layer]:
+                        rt.request_swap(layer, i % vm.slots, e)
+                t0 = time.perf_counter()
+                rt.eval([tok])
+                out.append(time.perf_counter() - t0)
+                tok = 1 + (tok * 31) % max(2, n_vocab - 1)
+            if kind == "swap":
+                rt.apply_pending(wait=True)
+                swaps += rt.telemetry_.swaps - before
+    rt.tap.enabled, rt.tap.stride = False, 1
+    return plain, tapped, swapping, swaps
+
+
+def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_layers: int = 0,
+            n_ctx: int = 512) -> DeviceProfile:
+    """Time reads, commits, decode steps (plain, router-scored, swapping) and a prefill on runtimes
+    that `runtime` builds (`runtime.SwapMoELlama`)."""
+    t_start = time.perf_counter()
+    k, n = info.params.n_expert_used, info.n_expert
+    decode: dict[int, float] = {}
+    prefill = 0.0
+    read_ms: list[float] = []
+    commit_ms: list[float] = []
+    expert_bytes = 0
+    swap_ms, tap_ms = 0.0, 0.0
+    kw = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
+              n_gpu_layers=n_gpu_layers, verbose=False)
+    for slots in sorted({k, min(n, 2 * k)}):
+        rt = runtime(str(info.path), experts_per_layer=slots, policy="static",
+                     initial_experts={l: list(range(slots)) for l in info.moe_layers}, **kw)
+        try:
+            prompt = [t % max(2, info.params.n_vocab - 1) + 1 for t in range(3, 3 + min(64, n_ctx // 4))]
+            rt.reset()
+            t0 = time.perf_counter()
+            rt.eval(prompt)
+            prefill = max(prefill, len(prompt) / (time.perf_counter() - t0))
+            tok = prompt[-1]
+            for _ in range(6):  # warm-up
+                rt.eval([tok])
+            if not read_ms:
+                read_ms, commit_ms, expert_bytes = time_swaps(rt.vmodel, layers=4, experts=6)
+            plain, tapped, swapping, swaps = _interleaved_decode(rt, tok, info.params.n_vocab)
+            decode[slots] = 1e3 * statistics.median(plain)
+            base = _trimmed_mean(plain)
+            # per layer scored (a step scoring every layer, over the layers)
+            tap_ms = max(tap_ms, 1e3 * (_trimmed_mean(tapped) - base) / len(info.moe_layers))
+            if swaps:
+                swap_ms = max(swap_ms, 1e3 * (_trimmed_mean(swapping) - base) * len(swapping) / swaps)
+        finally:
+            rt.close()
+    read = statistics.median(read_ms)
+    return DeviceProfile(PROFILE_VERSION, str(info.path.resolve()), model_fingerprint(info.path), machine_id(),
+                         threads, n_gpu_layers, expert_bytes, round(expert_bytes / (read / 1e3) / 1e6, 1),
+                         round(statistics.median(commit_ms), 4), {s: round(v, 4) for s, v in decode.items()},
+                         round(prefill, 1), round(time.perf_counter() - t_start, 2), round(swap_ms, 4),
+                         round(tap_ms, 4))
+
+
+def load_or_measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_layers: int = 0,
+                    refresh: bool = False) -> DeviceProfile:
+    """The cached profile of this model on this machine, else `measure` (and cache) it."""
+    path = profile_path(info, threads, n_gpu_layers)
+    if path.is_file() and not refresh:
+        try:
+            prof = DeviceProfile.from_json(path.read_text())
+            if prof.version == PROFILE_VERSION and prof.fingerprint == model_fingerprint(info.path):
+                log.info("using cached device profile %s", path)
+                return prof
+        except (ValueError, TypeError, KeyError):
+            log.info("ignoring unreadable profile cache %s", path)
+    prof = measure(info, runtime, threads=threads, n_gpu_layers=n_gpu_layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(prof.to_json())
+    os.replace(tmp, path)
+    return prof

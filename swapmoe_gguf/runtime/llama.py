@@ -1,0 +1,474 @@
+"""SwapMoELlama: llama-cpp-python's high-level `Llama`, running on Virtual Experts.
+
+Chat formats, samplers, `create_completion`/`create_chat_completion` and `llama_cpp.server`
+work unchanged. Differences from a plain `Llama`:
+
+* the llama.cpp model is built from the swap-ready GGUF with S expert slots per MoE layer
+  (`VirtualExpertModel`), S from `memory_budget` and/or `experts_per_layer`;
+* the context carries an eval callback (`RouterTap`) that scores all experts from the full
+  router, and a decode hook that commits finished swaps only *between* `llama_decode` calls;
+* `telemetry()` reports residency, swaps, I/O, hit rate and memory.
+
+How it is built into `Llama`: hooks.py. Process-wide settings (malloc trim, BLAS threads):
+process.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama
+
+from ..base.errors import ContextFull, LayoutError, SwapMoEError
+from ..fileformat.reader import read_gguf
+from ..llamacpp.expert_compute import WEIGHT_NODES, ExpertFFN, ffn_spec
+from ..llamacpp.router import FullRouter, RouterBatch, RouterTap
+from ..llamacpp.routing import hit_shares
+from ..llamacpp.vmodel import VirtualExpertModel
+from ..planning import calib_cache
+from ..planning.planner import Plan
+from ..residency.budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
+from ..residency.policies import (POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calib_chunk,
+                                  calibrate, ranking)
+from ..residency.protocols import ResidencyPolicy
+from ..residency.scheduler import ImportanceScheduler, SchedulerConfig
+from ..residency.telemetry import RssProbe, Telemetry, TelemetrySnapshot
+from ..store.expert_store import ExpertReadError, StagedExpert
+from .hooks import HookedContext, construct_with
+from .process import release_memory, single_threaded_blas
+
+log = logging.getLogger(__name__)
+
+
+class SwapMoELlama(Llama):
+    def __init__(self, model_path: str, *, memory_budget: str | Budget | None = None,
+                 experts_per_layer: int | None = None, policy: str | None = None,
+                 scheduler: SchedulerConfig | None = None, calibration: str | None = None,
+                 plan: Plan | str | None = None,
+                 initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
+                 max_dropped_mass: float | None = None, n_seq_max: int = 1, kv_unified: bool = False,
+                 swa_full: bool = False,
+                 n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
+                 logits_all: bool = False, flash_attn: bool = True, repack: bool = True, verbose: bool = False,
+                 **kwargs: Any):
+        # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
+        # the model is built before Llama.__init__ would set it.
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        planned_s = None  # S from a plan: the most a budget gives, fewer when this policy needs more buffers
+        if plan is not None:  # a plan fixes S, F and Q for this very file
+            plan = Plan.load(plan) if isinstance(plan, str) else plan
+            plan.check_model(model_path)
+            planned_s = None if experts_per_layer else plan.experts_per_layer
+            experts_per_layer = experts_per_layer or plan.experts_per_layer
+            scheduler = scheduler or plan.scheduler
+            policy = policy or plan.policy
+            if max_dropped_mass is None and policy == "swapmoe":
+                max_dropped_mass = plan.max_dropped_mass
+        policy = policy or "swapmoe"
+        max_dropped_mass = 1.0 if max_dropped_mass is None else max_dropped_mass
+        if policy not in POLICIES:
+            raise SwapMoEError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        if not 0.0 <= max_dropped_mass <= 1.0:
+            raise SwapMoEError(f"max dropped mass must be between 0 and 1, got {max_dropped_mass:g}")
+        if max_dropped_mass < 1.0 and policy == "static":
+            raise SwapMoEError("a quality floor (max dropped mass < 1) needs a policy that swaps: swapmoe or exact")
+        if max_dropped_mass == 0.0 and policy == "swapmoe":
+            policy = "exact"  # nothing may be dropped: that is `exact`
+        self.max_dropped_mass = max_dropped_mass if policy == "swapmoe" else 1.0
+        if n_seq_max < 1:
+            raise SwapMoEError(f"need at least one sequence, got n_seq_max={n_seq_max}")
+        self.n_seq_max, self.kv_unified, self.swa_full = n_seq_max, kv_unified, swa_full
+        # the floor's synchronous reads (expert_store): two, so that a streamed prompt reads one expert
+        # while it computes another (policies.ExactPolicy)
+        reserved = 2 if self.max_dropped_mass < 1.0 else 0
+        info = read_gguf(model_path)
+        problem = info.run_problem()
+        if problem:  # before any sizing: a non-MoE file has no experts to budget
+            raise LayoutError(f"{model_path}: cannot run this GGUF ({problem})")
+        n_expert = info.n_expert
+        single_threaded_blas()
+        gc.collect()  # the baseline below is measured: release what earlier models left behind first
+        release_memory()
+        budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        if policy == "full":
+            experts_per_layer = n_expert
+        n_batch_eff = min(n_ctx, n_batch) if n_ctx else n_batch
+        lossless = policy == "exact" or self.max_dropped_mass < 1.0
+        mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
+                       logits_all=logits_all, staging_buffers=staging_buffers + reserved, flash_attn=flash_attn,
+                       streams=lossless)
+        try:
+            self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
+        except BudgetError:
+            fit = plan_slots(mem, budget, None).slots if planned_s and budget else None
+            if fit is None or fit >= experts_per_layer:
+                raise
+            log.info("the plan's %d experts per layer do not fit this budget with the lossless path's buffers "
+                     "and scratch: running %d", planned_s, fit)
+            self.memory = plan_slots(mem, budget, fit)
+        self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
+        self.requested_policy = policy  # what a budget change returns to when not everything fits
+        if self.memory.slots == n_expert and policy != "full":
+            log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
+            policy = "full"
+        self.policy_name = policy
+        self.expert_ffn: dict[int, ExpertFFN] = {}  # lossless prompts: experts run outside the graph
+        self.static_rank: dict[int, list[int]] | None = None  # static: calibration order per layer
+        self.calib_rates: np.ndarray | None = None  # importance per token on the calibration text [n_layer, n_expert]
+        self.telemetry_ = Telemetry()
+        self._rss = RssProbe()
+        self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
+        self.repack = repack
+        self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts, repack=repack,
+                                         n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info,
+                                         reserved_buffers=reserved)
+        self.policy = self._make_policy(policy, scheduler)
+        self._stop = threading.Event()
+        self.commit_rate = (scheduler or SchedulerConfig()).commit_rate
+        self._commit_credit = 0.0
+        # The tap asks for router nodes only while `tap.enabled` (policies that score experts).
+        # the exact policy also needs the probability nodes: decided by what was asked for, so that a
+        # budget change from `full` back to `exact` finds them
+        self.full_router = self._full_router()
+        self.tap = RouterTap(self.full_router, in_graph=getattr(self.policy, "in_graph", None),
+                             probs=self.requested_policy == "exact" or self.max_dropped_mass < 1.0)
+        self.tap.enabled = False
+        self.tap.stride = (scheduler or SchedulerConfig()).observe_every if policy == "swapmoe" else 1
+        try:
+            with construct_with(self):
+                super().__init__(model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+                                 n_gpu_layers=n_gpu_layers, logits_all=logits_all, flash_attn=flash_attn,
+                                 verbose=verbose, **kwargs)
+            self.flash_attn = flash_attn
+            self._probe_routing()
+            self._setup_streaming()
+            prior = (scheduler or SchedulerConfig()).prior_weight > 0 and policy == "swapmoe"
+            if initial_experts is None and (policy == "static" or prior):
+                self._calibrate(calibration)
+            self.tap.enabled = self.policy.observes
+        except BaseException:
+            self.close()
+            raise
+        self._sample_rss()
+        log.info("SwapMoE (%s): %d of %d experts per layer resident; %s", policy, self.memory.slots,
+                 n_expert, self.memory.parts())
+
+    def lossless_ubatch(self) -> int:
+        """S // k: a micro-batch this size always fits its experts in the slots. Batches up to it load
+        their missing experts into slots (`exact`, the floor); larger ones compute them outside the
+        graph, or are cut to this size (no `expert_ffn`)."""
+        return max(1, self.vmodel.slots // max(1, self.vmodel.top_k))
+
+    def _setup_streaming(self) -> None:
+        """`exact` and the floor: where every MoE layer's FFN is one expert_compute reproduces, a
+        prompt runs in one graph and its missing experts outside it; else prompts are cut into
+        micro-batches of S // k tokens (their experts always fit), which needs a new context."""
+        self.expert_ffn = {}
+        if not (self.requested_policy == "exact" or self.max_dropped_mass < 1.0):
+            return
+        ffn, why = self._expert_ffns()
+        if ffn:
+            self.expert_ffn = ffn
+            return
+        ub = self.lossless_ubatch()
+        log.info("lossless prompts in micro-batches of S // k = %d tokens: %s", ub, why)
+        if self.context_params.n_ubatch > ub:
+            self.context_params.n_ubatch = ub
+            self._ctx.close()
+            self._ctx = HookedContext(runtime=self, model=self._model, params=self.context_params,
+                                       verbose=self.verbose)
+
+    def _expert_ffns(self) -> tuple[dict[int, ExpertFFN], str]:
+        """Each MoE layer's expert FFN, read off the probed graph, with the router nodes the stream
+        path rewrites; ({}, why) when some layer is not reproduced (expert_compute.ffn_spec)."""
+        out: dict[int, ExpertFFN] = {}
+        finals: dict[int, str] = {}
+        for layer in self.vmodel.moe_layers:
+            nodes, spec = self.tap.nodes.get(layer, {}), self.full_router.specs[layer]
+            if spec.select != "probs":  # (the full model's groups are fine: the slot graph has none, vmodel.py)
+                return {}, f"layer {layer} ranks experts by {spec.select}"
+            f = ffn_spec(nodes, self.vmodel.info.layer_expert_tensors(layer))
+            if isinstance(f, str):
+                return {}, f"layer {layer}: {f}"
+            final = next((n for n in WEIGHT_NODES if n in nodes), None)
+            if final is None or "ffn_moe_out" not in nodes:
+                return {}, f"layer {layer}: no expert weights or output node"
+            out[layer], finals[layer] = f, final
+        self.tap.want("weights", finals)
+        self.tap.want("out", {l: "ffn_moe_out" for l in out})
+        return out, ""
+
+    def _full_router(self) -> FullRouter:
+        vm = self.vmodel
+        return FullRouter(vm.router, vm.top_k, bias=vm.router_bias, selection_bias=vm.selection_bias)
+
+    def _probe_routing(self) -> None:
+        """Read each MoE layer's gating off llama.cpp's own graph (one token, then forgotten), so that
+        the full model's routing is reproduced as llama.cpp computes it (see routing.py)."""
+        tok = self.token_bos()
+        tok = tok if 0 <= tok < self.n_vocab() else 0
+        self.tap.start_probe()
+        try:
+            self.eval([tok])
+        finally:
+            info = self.vmodel.info
+            self.tap.finish_probe(info.params.n_expert_groups, info.params.n_group_used)
+            self.reset()
+            self.telemetry_ = Telemetry()
+        self.vmodel.check_unused_absent(self.tap.graph_inputs)
+        log.debug("routing: %s", {l: s for l, s in self.full_router.specs.items()})
+
+    def _make_policy(self, name: str, cfg: SchedulerConfig | None,
+                     scheduler: ImportanceScheduler | None = None) -> ResidencyPolicy:
+        vm = self.vmodel
+        if name == "swapmoe":
+            sched = scheduler
+            if sched is None:
+                sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
+                                            cfg or SchedulerConfig())
+                if self.calib_rates is not None:  # a live budget change: the calibration already made
+                    sched.set_prior(self.calib_rates)
+            floor = ExactPolicy(self, self.max_dropped_mass, sched) if self.max_dropped_mass < 1.0 else None
+            return SwapMoEPolicy(sched, floor)
+        if name == "exact":
+            return ExactPolicy(self)
+        return StaticPolicy() if name == "static" else FullPolicy()
+
+    def _calibrate(self, text: str | None) -> None:
+        """Each layer's top-S experts by importance over a calibration text: `static`'s fixed set, and
+        `swapmoe`'s starting set and prior (scheduler.py)."""
+        if text is None:
+            text = calib_cache.default_calibration_text()
+        vm = self.vmodel
+        chunk = calib_chunk(self)
+        rates = calib_cache.load(vm.info, text, vm.slots, chunk)
+        if rates is None:
+            toks = self.tokenize(text.encode(), add_bos=True)
+            log.info("calibrating on %d tokens (once per model, text and S: cached)", len(toks))
+            rates = calibrate(self, toks)
+            calib_cache.save(vm.info, text, vm.slots, chunk, rates)
+        self.calib_rates = rates
+        rank = ranking(rates, vm.moe_layers)
+        if self.policy_name == "static":
+            self.static_rank = rank
+        sched = getattr(self.policy, "scheduler", None)
+        if sched is not None:
+            sched.set_prior(rates)
+        for layer, order in rank.items():
+            want = order[: self.vmodel.slots]
+            slots = self.vmodel.slot_map[layer]
+            free = [s for s, e in enumerate(slots) if e not in want]
+            for slot, e in zip(free, [e for e in want if e not in slots]):
+                self.vmodel.swap(layer, slot, e)
+        self.telemetry_ = Telemetry()  # calibration is not part of serving
+
+    # hooks (decoding thread) -------------------------------------------------------------
+    def n_ctx_seq(self) -> int:
+        """Context of one sequence: n_ctx split between the parallel sequences (unless unified)."""
+        return int(llama_cpp.llama_n_ctx_seq(self._ctx.ctx))
+
+    def request_stop(self) -> None:
+        """Stop the generation in progress before its next decode step (raises KeyboardInterrupt
+        there, out of llama-cpp-python's loop). Safe to call from a signal handler or another thread."""
+        self._stop.set()
+
+    def clear_stop(self) -> None:
+        """Forget a stop request that arrived after the generation had ended."""
+        self._stop.clear()
+
+    def decode_batch(self, batch: llama_cpp.llama_batch, run: Callable[[], None] | None = None) -> None:
+        """llama_decode with the runtime's hooks around it (tap, scheduler, swaps, telemetry): for
+        callers that build their own batches (the parallel engine)."""
+        self.tap.batch_tokens = batch.n_tokens
+        swaps0 = self.telemetry_.swaps
+        self._before_decode()
+        t0 = time.perf_counter()
+        if run is not None:
+            run()
+        else:
+            rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+            if rc == 1:
+                raise ContextFull("no room in the KV cache for this batch")
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+        self._after_decode(batch.n_tokens, time.perf_counter() - t0)
+        if batch.n_tokens == 1:
+            self.telemetry_.decode_swaps += self.telemetry_.swaps - swaps0
+
+    def _before_decode(self) -> None:
+        if self._stop.is_set():
+            self._stop.clear()
+            raise KeyboardInterrupt
+        self.policy.before_decode(self)
+        if self.pending:  # commit at most `commit_rate` finished swaps per step, on average
+            self._commit_credit = min(self._commit_credit + self.commit_rate, max(1.0, self.commit_rate))
+            if self._commit_credit >= 1.0:
+                self._commit_credit -= self.apply_pending(limit=int(self._commit_credit))
+
+    def _after_decode(self, n_tokens: int, seconds: float) -> None:
+        if self.tap.error is not None:
+            err, self.tap.error = self.tap.error, None
+            if isinstance(err, KeyboardInterrupt):  # Ctrl-C landed in the callback: deliver it here
+                raise err
+            raise RuntimeError(f"router tap failed: {err}") from err
+        t = self.telemetry_
+        t.tokens += n_tokens
+        if n_tokens == 1:
+            t.decode_tokens += 1
+            t.decode_seconds += seconds
+        else:
+            t.prefill_tokens += n_tokens
+            t.prefill_seconds += seconds
+        batch = self.tap.take()
+        if batch is not None:
+            if not self.policy.owns_hit_rate:
+                self._add_hits(batch)
+            self.policy.on_router(self, batch)
+        self._sample_rss()
+
+    def _add_hits(self, batch: RouterBatch) -> None:
+        """Share of the full model's expert weight on resident experts, every scored token and layer."""
+        mask = self.vmodel.resident_mask
+        shares = [hit_shares(r, mask[self.tap.index[l]]) for l, r in zip(batch.layers, batch.routed)]
+        self.telemetry_.add_hits(np.concatenate(shares) if len(shares) > 1 else shares[0])
+
+    def _sample_rss(self) -> int:
+        rss = self._rss()
+        self.telemetry_.peak_rss_bytes = max(self.telemetry_.peak_rss_bytes, rss)
+        return rss
+
+    # swaps ---------------------------------------------------------------------------------
+    def request_swap(self, layer: int, slot: int, expert: int) -> None:
+        """Start reading `expert` for `slot` of `layer` in the background; committed between decodes."""
+        if any(l == layer and s == slot for l, s, _, _ in self.pending):
+            return
+        self.pending.append((layer, slot, expert, self.vmodel.store.submit(layer, expert)))
+
+    def apply_pending(self, wait: bool = False, limit: int | None = None) -> int:
+        """Commit the swaps whose reads have finished (all of them if `wait`; at most `limit`).
+        Never raises on I/O errors."""
+        done, keep = 0, []
+        t0 = time.perf_counter()
+        for layer, slot, expert, fut in self.pending:
+            if not (wait or fut.done()) or (limit is not None and done >= limit):
+                keep.append((layer, slot, expert, fut))
+                continue
+            try:
+                staged = fut.result()
+            except ExpertReadError:
+                self.telemetry_.swap_failures += 1
+                continue
+            try:
+                self.vmodel.commit(slot, staged)
+            finally:
+                self.vmodel.store.release(staged)
+            self.telemetry_.swaps += 1
+            done += 1
+        if wait:
+            self.telemetry_.io_blocked_seconds += time.perf_counter() - t0
+        self.pending = keep
+        return done
+
+    # budget changes ------------------------------------------------------------------------
+    def set_budget(self, memory_budget: str | Budget | None, experts_per_layer: int | None = None) -> int:
+        """Change the memory budget of the running model; returns the new slot count S.
+
+        llama.cpp fixes the slot count when it builds a model, so a different S rebuilds it: the
+        old context and model are freed first (memory never holds both), a new model is built with
+        the S most important experts (scheduler scores, else the current set and weight norms) and a
+        new context takes the old one's place. Cost: reading the non-expert weights and S experts
+        per layer again, and the KV cache (the conversation is re-evaluated on the next request).
+        """
+        budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        vm = self.vmodel
+        mem0 = estimate(vm.info, n_ctx=self.n_ctx(), n_batch=self.n_batch, logits_all=self._logits_all,
+                        staging_buffers=vm.store.staging_buffers + vm.store.reserved, baseline=self.memory.baseline,
+                        flash_attn=self.flash_attn,
+                        streams=self.requested_policy == "exact" or self.max_dropped_mass < 1.0)
+        new = plan_slots(mem0, budget, experts_per_layer)
+        self.budget_bytes = budget.resolve(mem0.total(mem0.n_expert)) if budget else None
+        if new.slots == vm.slots:
+            self.memory = new
+            return new.slots
+        initial = {l: self._ranked(l)[: new.slots] for l in vm.moe_layers}
+        self.apply_pending(wait=True)
+        path, ngl = str(vm.info.path), self.model_params.n_gpu_layers
+        staging = vm.store.staging_buffers
+        self._ctx.close()
+        vm.close()
+        release_memory()
+        self.vmodel = VirtualExpertModel(path, new.slots, initial=initial, n_gpu_layers=ngl, staging_buffers=staging,
+                                         repack=self.repack, reserved_buffers=vm.store.reserved)
+        self._model.model = self.vmodel.model
+        self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)
+        if (self.requested_policy == "exact" or self.max_dropped_mass < 1.0) and not self.expert_ffn:
+            self.context_params.n_ubatch = self.lossless_ubatch()
+        self._ctx = HookedContext(runtime=self, model=self._model, params=self.context_params, verbose=self.verbose)
+        specs = self.full_router.specs
+        self.full_router = self._full_router()
+        self.full_router.specs = specs  # the same file: the same gating
+        self.tap.router = self.full_router
+        self.memory = new
+        name = "full" if new.slots == self.vmodel.n_expert else (
+            "swapmoe" if self.requested_policy == "full" else self.requested_policy)
+        if name != self.policy_name or getattr(self.policy, "in_graph", None) is not None:  # per-slot state
+            keep = getattr(self.policy, "scheduler", None)
+            self.policy = self._make_policy(name, keep.config if keep else None, keep)
+            self.tap.in_graph = getattr(self.policy, "in_graph", None)
+            self.policy_name = name
+        self.tap.enabled = self.policy.observes
+        self.reset()
+        self.n_tokens = 0
+        log.info("budget changed: %d of %d experts per layer now resident", new.slots, self.vmodel.n_expert)
+        return new.slots
+
+    def _ranked(self, layer: int) -> list[int]:
+        """Experts of a layer, most important first (scheduler scores, then residency, then norms)."""
+        vm = self.vmodel
+        if self.static_rank is not None:  # static: the calibration's order, whatever S is
+            return list(self.static_rank[layer])
+        sched = getattr(self.policy, "scheduler", None)
+        score = sched.effective(layer) if sched is not None else np.zeros(vm.n_expert)
+        norms = vm.info.expert_norms[vm.moe_layers.index(layer)]  # type: ignore[index]
+        resident = set(vm.slot_map[layer])
+        return sorted(range(vm.n_expert), key=lambda e: (-score[e], e not in resident, -norms[e]))
+
+    # reporting -----------------------------------------------------------------------------
+    def telemetry(self) -> TelemetrySnapshot:
+        st, t = self.vmodel.store.stats, self.telemetry_
+        return TelemetrySnapshot(
+            resident={l: tuple(v) for l, v in self.vmodel.slot_map.items()}, slots=self.vmodel.slots,
+            swaps=t.swaps, swap_failures=t.swap_failures, bytes_read=st.bytes_read, read_seconds=st.read_seconds,
+            io_blocked_seconds=t.io_blocked_seconds, tokens=t.tokens, decode_tokens=t.decode_tokens,
+            decode_seconds=t.decode_seconds, prefill_tokens=t.prefill_tokens, prefill_seconds=t.prefill_seconds,
+            hit_rate=1.0 if self.vmodel.slots == self.vmodel.n_expert else t.hit_rate,
+            rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes,
+            decode_swaps=t.decode_swaps)
+
+    def close(self) -> None:
+        # Queued reads are cancelled; finished ones give their buffers back; the one running (if any)
+        # gets a bounded wait: at interpreter exit the read thread may already be frozen.
+        pending = getattr(self, "pending", ())
+        for *_, fut in pending:
+            fut.cancel()
+        for *_, fut in sorted(pending, key=lambda p: not p[3].done()):
+            if not fut.cancelled():
+                with contextlib.suppress(Exception):
+                    self.vmodel.store.release(fut.result(timeout=5))
+        self.pending = []
+        if hasattr(self, "_stack"):  # Llama.__init__ ran
+            super().close()
+        if hasattr(self, "vmodel"):
+            self.vmodel.close()
+        if hasattr(self, "_rss"):
+            self._rss.close()
+
+
+__all__ = ["SwapMoELlama", "ResidencyPolicy", "BudgetError", "SchedulerConfig", "release_memory"]
