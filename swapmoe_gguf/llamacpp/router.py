@@ -29,8 +29,43 @@ _PREFIX = b"ffn_moe_logits-"
 
 
 class _Filter(ctypes.Structure):
+    """`struct swapmoe_filter` of _evalfilter.c."""
+
     _fields_ = [("name_offset", ctypes.c_size_t), ("prefix", ctypes.c_char_p), ("prefix_len", ctypes.c_size_t),
-                ("forward", ctypes.c_void_p), ("forward_ud", ctypes.c_void_p)]
+                ("forward", ctypes.c_void_p), ("forward_ud", ctypes.c_void_p),
+                ("capture", ctypes.c_int32), ("cap_prefix", ctypes.c_char_p), ("cap_prefix_len", ctypes.c_size_t),
+                ("src_offset", ctypes.c_size_t), ("type_offset", ctypes.c_size_t), ("ne_offset", ctypes.c_size_t),
+                ("nb_offset", ctypes.c_size_t), ("tensor_get", ctypes.c_void_p), ("n_layer_map", ctypes.c_int32),
+                ("row_of_layer", ctypes.c_void_p), ("want", ctypes.c_void_p), ("buf", ctypes.c_void_p),
+                ("n_embd", ctypes.c_int64), ("max_tok", ctypes.c_int64), ("n_tok", ctypes.c_void_p),
+                ("error", ctypes.c_int32), ("copy_ns", ctypes.c_int64)]
+
+
+class _Capture:
+    """The buffers the C filter copies router inputs into on decode steps (see _evalfilter.c):
+    `buf` [n_rows, max_tok, n_embd], `n_tok` [n_rows] tokens captured per layer this step, and
+    `want` [n_rows] the layers to capture. Owned here, read by the C code through raw pointers."""
+
+    def __init__(self, f: _Filter, layers: list[int], n_embd: int, max_tok: int):
+        rows = np.full(max(layers) + 1, -1, dtype=np.int32)
+        rows[layers] = np.arange(len(layers), dtype=np.int32)
+        self.row_of_layer = rows
+        self.rows = np.arange(len(layers))                                       # [n_rows]
+        self.want = np.zeros(len(layers), dtype=np.uint8)                        # [n_rows]
+        self.n_tok = np.zeros(len(layers), dtype=np.int32)                       # [n_rows]
+        self.buf = np.zeros((len(layers), max_tok, n_embd), dtype=np.float32)   # [n_rows, max_tok, n_embd]
+        self.max_tok = max_tok
+        self.steps = 0  # decode calls captured since the last flush
+        self.filled = 0  # tokens captured since then, summed over those calls (>= any row's count)
+        self.single = True  # every one of those calls decoded one token
+        self.want_all = False  # `want` holds all ones
+        f.cap_prefix, f.cap_prefix_len = _PREFIX, len(_PREFIX)
+        f.src_offset, f.type_offset = GGMLTensor.src.offset, GGMLTensor.type.offset
+        f.ne_offset, f.nb_offset = GGMLTensor.ne.offset, GGMLTensor.nb.offset
+        f.tensor_get = ctypes.cast(ggml().lib.ggml_backend_tensor_get, ctypes.c_void_p).value
+        f.n_layer_map, f.row_of_layer = len(rows), rows.ctypes.data
+        f.want, f.buf, f.n_tok = self.want.ctypes.data, self.buf.ctypes.data, self.n_tok.ctypes.data
+        f.n_embd, f.max_tok = n_embd, max_tok
 
 
 def _filter_fn() -> int | None:
@@ -43,12 +78,60 @@ def _filter_fn() -> int | None:
 
 
 @dataclass
-class RouterBatch:
-    """The full model's routing of every MoE layer scored in one decode call, in graph order."""
+class RoutedGroup:
+    """Layers routed in one numpy pass: G layers of n tokens each (one layer, on the general path)."""
 
-    layers: list[int]        # MoE layer of each entry
-    x_norm: list[np.ndarray]  # per layer: [n_tok] ||x|| of the router input
-    routed: list[Routed]     # per layer: selection and weights over ALL experts
+    layers: tuple[int, ...]   # [G] MoE layers, in the router's order
+    rows: np.ndarray          # [G] each layer's row in that order (FullRouter.index)
+    x_norm: np.ndarray        # [G, n] ||x|| of the router input
+    routed: Routed            # layer-major rows: probs [G*n, n_expert], selected and weights [G*n, k]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.x_norm.shape[1])
+
+
+@dataclass
+class RouterBatch:
+    """The full model's routing of every MoE layer scored in one decode call (a prompt), or in the
+    decode steps gathered since the last flush."""
+
+    groups: list[RoutedGroup]
+    prompt: bool = False   # from one multi-token decode call (a prompt's prefill)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the widest layer (the last layer of a prompt keeps only its output rows)."""
+        return max(g.n_tokens for g in self.groups)
+
+    @property
+    def layers(self) -> list[int]:
+        return [l for g in self.groups for l in g.layers]
+
+    @property
+    def x_norm(self) -> list[np.ndarray]:
+        """Per layer: [n_tok]."""
+        return [row for g in self.groups for row in g.x_norm]
+
+    @property
+    def routed(self) -> list[Routed]:
+        """Per layer: its tokens' routing (views into the group's arrays)."""
+        out = []
+        for g in self.groups:
+            n, r = g.n_tokens, g.routed
+            out += [Routed(r.probs[i * n:(i + 1) * n], r.selected[i * n:(i + 1) * n], r.weights[i * n:(i + 1) * n])
+                    for i in range(len(g.layers))]
+        return out
+
+
+def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
+    """[n, ...]: the arrays' common base when they are its consecutive rows (vmodel keeps the routers
+    so: no second copy), else a stacked copy."""
+    base = arrays[0].base
+    if isinstance(base, np.ndarray) and base.ndim == arrays[0].ndim + 1 and len(base) == len(arrays) \
+            and all(a.base is base and a.ctypes.data == base[i].ctypes.data for i, a in enumerate(arrays)):
+        return base
+    return np.stack(arrays)
 
 
 class FullRouter:
@@ -56,8 +139,13 @@ class FullRouter:
 
     def __init__(self, weights: dict[int, np.ndarray], top_k: int, bias: dict[int, np.ndarray] | None = None,
                  selection_bias: dict[int, np.ndarray] | None = None):
-        # [n_embd, n_expert] views of the f32 routers (BLAS reads a transposed view as is: no second copy)
-        self.w_t = {l: np.asarray(w, dtype=np.float32).T for l, w in weights.items()}
+        self.layers = sorted(weights)
+        self.index = {l: i for i, l in enumerate(self.layers)}
+        ws = [np.asarray(weights[l], dtype=np.float32) for l in self.layers]
+        # [n_layer, n_embd, n_expert]: transposed views of the f32 routers (BLAS reads a transposed view
+        # as is: no second copy); one array when every layer's router has the same shape
+        self.stack_t = _stacked(ws).transpose(0, 2, 1) if len({w.shape for w in ws}) == 1 else None
+        self.w_t = {l: (self.stack_t[i] if self.stack_t is not None else ws[i].T) for i, l in enumerate(self.layers)}
         self.bias = bias or {}                      # layer -> [n_expert] router bias (added to the logits)
         self.selection_bias = selection_bias or {}  # layer -> [n_expert] exp_probs_b (ranking only)
         self.top_k = top_k
@@ -71,6 +159,29 @@ class FullRouter:
 
     def route(self, layer: int, x: np.ndarray) -> Routed:
         return route(self.logits(layer, x), self.specs[layer], self.top_k, self.selection_bias.get(layer))
+
+    def route_group(self, layers: tuple[int, ...], x: np.ndarray) -> RoutedGroup:
+        """Route G layers sharing a gating spec at once. x [G, n, n_embd]: the matmuls stay one per
+        layer (each with its router, as `logits`), the gating runs once over all G*n rows."""
+        g, n, _ = x.shape
+        rows = np.array([self.index[l] for l in layers])
+        if self.stack_t is not None and g == len(self.layers):  # every layer, in order: one batched matmul
+            # (each router is read once for all n tokens; a matrix-matrix product rounds the last bits
+            # differently from one token's matrix-vector product, ~1e-7 relative)
+            lg = np.matmul(x, self.stack_t)                                                # [G, n, n_expert]
+        else:  # a gather of the routers would copy them: one matmul per layer
+            lg = np.empty((g, n, self.w_t[layers[0]].shape[1]), dtype=np.float32)
+            for i, l in enumerate(layers):
+                np.matmul(x[i], self.w_t[l], out=lg[i])
+        if any(l in self.bias for l in layers):
+            lg = lg + np.stack([self.bias.get(l, np.zeros(lg.shape[2], np.float32)) for l in layers])[:, None, :]
+        sel = None
+        if any(l in self.selection_bias for l in layers):
+            sel = np.repeat(np.stack([self.selection_bias.get(l, np.zeros(lg.shape[2], np.float32)) for l in layers]),
+                            n, axis=0)                                                     # [G*n, n_expert]
+        routed = route(lg.reshape(g * n, -1), self.specs[layers[0]], self.top_k, sel)
+        x_norm = np.sqrt(np.einsum("gij,gij->gi", x, x))                                   # [G, n]
+        return RoutedGroup(tuple(layers), rows, x_norm, routed)
 
 
 class InGraphHook(Protocol):
@@ -86,11 +197,15 @@ class InGraphHook(Protocol):
 
 
 class RouterTap:
-    def __init__(self, router: FullRouter, in_graph: InGraphHook | None = None, probs: bool = False):
+    def __init__(self, router: FullRouter, in_graph: InGraphHook | None = None, probs: bool = False,
+                 capture_tokens: int = 0, capture_steps: int = 1):
+        """Decode calls of up to `capture_tokens` tokens (one per parallel sequence; 0: none) have their
+        router inputs copied in C, `capture_steps` of them between flushes; longer calls (prompts)
+        are read in Python."""
         import llama_cpp
 
         self.router = router
-        self.index = {l: i for i, l in enumerate(router.w_t)}
+        self.index = router.index
         self.wanted: dict[bytes, tuple[str, int]] = {f"ffn_moe_logits-{l}".encode(): ("logits", l) for l in router.w_t}
         if in_graph is not None or probs:  # the nodes `exact` may rewrite
             for kind in ("probs", "logits_biased"):
@@ -118,6 +233,14 @@ class RouterTap:
                                    ctypes.cast(self.py_callback, ctypes.c_void_p).value, None)
             self.callback = llama_cpp.ggml_backend_sched_eval_callback(fn)
             self.user_data = ctypes.addressof(self._filter)
+        # short decode calls: router inputs copied in C (see _Capture)
+        self._cap: _Capture | None = None
+        self.capture_tokens = capture_tokens
+        if self._filter is not None and router.layers and capture_tokens > 0:
+            n_embd = router.w_t[router.layers[0]].shape[0]
+            self._cap = _Capture(self._filter, router.layers, n_embd, capture_tokens * max(1, capture_steps))
+        self._capturing = False
+        self.capture_seconds = 0.0  # spent copying router inputs in C, summed
 
     # probing llama.cpp's routing graph ---------------------------------------------------------
     def start_probe(self) -> None:
@@ -201,36 +324,95 @@ class RouterTap:
         assert routed is not None, "last_routed() needs an in-graph hook"
         return routed
 
+    def will_capture(self, n_tokens: int) -> bool:
+        """Whether a decode call of `n_tokens` has its router inputs copied in C: a decode step (not a
+        prompt), with no in-graph hook and no probe running, and room left in the buffer."""
+        cap = self._cap
+        return (cap is not None and n_tokens <= self.capture_tokens and self.enabled and self.in_graph is None
+                and self.probed is None
+                and not self._filter.error  # type: ignore[union-attr]
+                and cap.filled + n_tokens <= cap.max_tok)
+
+    @property
+    def pending_steps(self) -> int:
+        """Decode calls captured in C and not yet scored (`flush`)."""
+        return self._cap.steps if self._cap is not None else 0
+
+    @property
+    def pending_aligned(self) -> bool:
+        """Whether the pending steps each scored every layer on one token: token t of every row is
+        step t (the hit counter can then apply each step's resident set)."""
+        return self._cap is not None and self._cap.single and self._cap.want_all
+
+    def begin(self, n_tokens: int) -> None:
+        """Before a decode call of `n_tokens`: which layers to score, and whether the C filter captures
+        their router inputs (see `will_capture`; the caller flushes first when it would not) or Python
+        reads them."""
+        self.batch_tokens = n_tokens
+        cap = self._cap
+        if cap is None:
+            return
+        self._capturing = self.will_capture(n_tokens)
+        self._filter.capture = int(self._capturing)  # type: ignore[union-attr]
+        if self._capturing:
+            cap.steps += 1
+            cap.filled += n_tokens
+            cap.single &= n_tokens == 1
+            if self.stride > 1 and n_tokens == 1:  # staggered: layer i on steps where (step + i) % stride == 0
+                np.equal((self.step + cap.rows) % self.stride, 0, out=cap.want.view(bool))
+                cap.want_all = False
+            elif not cap.want_all:
+                cap.want[:] = cap.want_all = True
+
     def take(self) -> RouterBatch | None:
-        """The full model's routing of everything observed since the last call, layer by layer
-        (a prompt's inputs are never concatenated: a 512-token batch of a wide model would copy
-        tens of MB; the memory budget counts the inputs once, see budget.estimate)."""
+        """After a decode call: the full model's routing of what it observed, when it is to be scored
+        now. A prompt (read in Python) at once; captured decode steps wait for `flush` (the scheduler
+        acts every F tokens: scoring them then is the same sums, one numpy pass instead of one per
+        step; the caller flushes before a step that `will_capture` no more). A prompt's inputs are
+        never concatenated: a 512-token batch of a wide model would copy tens of MB; the memory budget
+        counts the inputs once, see budget.estimate."""
         self.step += 1
+        if self._capturing:  # kept for `flush`
+            self._capturing = self._filter.capture = False  # type: ignore[union-attr]
+            return None
         if not self._seen:
             return None
         seen, self._seen = self._seen, []
         if len(seen) > 1 and all(x.shape[0] == 1 and r is None for _, x, r in seen) \
                 and len({self.router.specs[l] for l, _, _ in seen}) == 1:
-            return self._take_decode_step([(l, x) for l, x, _ in seen])
-        layers, norms, routed = [], [], []
+            # one token in several layers sharing a gating spec: routed together
+            return RouterBatch([self.router.route_group(tuple(l for l, _, _ in seen),
+                                                        np.stack([x for _, x, _ in seen]))],
+                               prompt=self.batch_tokens > 1)
+        groups = []
         for layer, x, r in seen:
-            layers.append(layer)
-            norms.append(np.sqrt(np.einsum("ij,ij->i", x, x)))   # [n_tok]
-            routed.append(r if r is not None else self.router.route(layer, x))
-        return RouterBatch(layers, norms, routed)
+            r = r if r is not None else self.router.route(layer, x)
+            norms = np.sqrt(np.einsum("ij,ij->i", x, x))[None, :]                       # [1, n_tok]
+            groups.append(RoutedGroup((layer,), np.array([self.index[layer]]), norms, r))
+        return RouterBatch(groups, prompt=self.batch_tokens > 1)
 
-    def _take_decode_step(self, seen: list[tuple[int, np.ndarray]]) -> RouterBatch:
-        """One token in several layers sharing a gating spec: route their rows together (one numpy pass
-        instead of one per layer; the matmuls stay per layer, each with its router)."""
-        r = self.router
-        layers = [l for l, _ in seen]
-        xa = np.concatenate([x for _, x in seen])                                       # [L, n_embd]
-        lg = np.concatenate([r.logits(l, x) for l, x in seen])                          # [L, n_expert]
-        bias = None
-        if any(l in r.selection_bias for l in layers):
-            bias = np.stack([r.selection_bias.get(l, np.zeros(lg.shape[1], np.float32)) for l in layers])
-        both = route(lg, r.specs[layers[0]], r.top_k, bias)
-        norms = np.sqrt(np.einsum("ij,ij->i", xa, xa))                                  # [L]
-        return RouterBatch(layers, [norms[i:i + 1] for i in range(len(layers))],
-                           [Routed(both.probs[i:i + 1], both.selected[i:i + 1], both.weights[i:i + 1])
-                            for i in range(len(layers))])
+    def flush(self) -> RouterBatch | None:
+        """Score the decode steps captured in C so far, by (gating spec, tokens): one group of every
+        scored layer, unless layers were scored on different steps (`stride`) or a short prompt's last
+        layer kept only its output rows."""
+        cap, f = self._cap, self._filter
+        if cap is None or cap.steps == 0:
+            return None
+        self.capture_seconds += f.copy_ns * 1e-9  # type: ignore[union-attr]
+        f.copy_ns = 0  # type: ignore[union-attr]
+        if f.error:  # type: ignore[union-attr]
+            log.warning("router inputs of an unexpected type or shape: reading them in Python from now on")
+        cap.steps = cap.filled = 0
+        cap.single = True
+        rows = np.flatnonzero(cap.n_tok)
+        if rows.size == 0:
+            return None
+        layers, specs, n_tok = self.router.layers, self.router.specs, cap.n_tok
+        key = [(specs[layers[r]], int(n_tok[r])) for r in rows]
+        groups = []
+        for k in dict.fromkeys(key):
+            sel = rows if len(set(key)) == 1 else rows[[i for i, kk in enumerate(key) if kk == k]]
+            x = cap.buf[sel, : k[1]] if len(sel) < len(layers) else cap.buf[:, : k[1]]   # [G, n, n_embd]
+            groups.append(self.router.route_group(tuple(layers[r] for r in sel), x))
+        n_tok[:] = 0
+        return RouterBatch(groups)

@@ -116,6 +116,11 @@ class VirtualExpertModel:
                     self.router_bias[t.block] = values.reshape(n)  # type: ignore[index]
                 else:
                     self.selection_bias[t.block] = values.reshape(n)  # type: ignore[index]
+        if self.router and len({w.shape for w in self.router.values()}) == 1:
+            # one [n_moe_layer, n_expert, n_embd] array, so that the router tap scores every layer of a
+            # decode step in one batched matmul (router.FullRouter)
+            stack = np.stack([self.router[l] for l in sorted(self.router)])
+            self.router = {l: stack[i] for i, l in enumerate(sorted(self.router))}
         self.rows_by_layer: dict[int, list[str]] = {}
         for name in self.rows:
             self.rows_by_layer.setdefault(self._by_name[name].block, []).append(name)  # type: ignore[arg-type]

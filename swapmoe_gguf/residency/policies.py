@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 POLICIES = ("swapmoe", "static", "exact", "full")
 
 
+def observe(scheduler: ImportanceScheduler, batch: RouterBatch) -> None:
+    """Add a decode call's routing to the scheduler's scores, a group of layers at a time."""
+    for g in batch.groups:
+        shape = (len(g.layers), g.n_tokens, -1)
+        scheduler.observe_layers(g.layers, g.x_norm, g.routed.selected.reshape(shape), g.routed.weights.reshape(shape))
+
+
 class FixedPolicy:
     """Keeps whatever is resident (`static` after calibration, `full`)."""
 
@@ -57,6 +64,9 @@ class FixedPolicy:
 
     def before_decode(self, rt: Runtime) -> None:
         pass
+
+    def scores_due(self, rt: Runtime) -> bool:
+        return False
 
 
 class StaticPolicy(FixedPolicy):
@@ -85,15 +95,12 @@ class SwapMoEPolicy:
         return self.floor is not None
 
     def on_router(self, rt: Runtime, batch: RouterBatch) -> None:
-        n_tok = 0
-        for layer, x_norm, r in zip(batch.layers, batch.x_norm, batch.routed):
-            self.scheduler.observe_routed(layer, x_norm, r.selected, r.weights)
-            n_tok = max(n_tok, r.selected.shape[0])
+        observe(self.scheduler, batch)
         # Count every decoded token, also those of steps that scored no layer (observe_every > 1).
         new_tokens = rt.telemetry_.tokens - self._seen_tokens
         self._seen_tokens = rt.telemetry_.tokens
         # An update every F tokens, and right after a prompt's prefill (several tokens at once).
-        if self.scheduler.tick(new_tokens) or n_tok > 1:
+        if self.scheduler.tick(new_tokens) or batch.prompt:
             busy = {(l, s) for l, s, _, _ in rt.pending}
             coming = {(l, e) for l, _, e, _ in rt.pending}
             for sw in self.scheduler.propose(rt.vmodel.slot_map, busy):
@@ -103,6 +110,10 @@ class SwapMoEPolicy:
     def before_decode(self, rt: Runtime) -> None:
         if self.floor is not None:
             self.floor.before_decode(rt)
+
+    def scores_due(self, rt: Runtime) -> bool:
+        """Whether the decode steps gathered so far complete an update interval (see `on_router`)."""
+        return self.scheduler.due(rt.telemetry_.tokens - self._seen_tokens)
 
 
 _PICK = np.float32(1e6)  # spacing of the ranking values a streamed batch writes (far above any selection bias)
@@ -343,6 +354,9 @@ class ExactPolicy:
             job.cancel()
         self._jobs.clear()
 
+    def scores_due(self, rt: Runtime) -> bool:
+        return False  # (in-graph: nothing is gathered)
+
 
 class _Collector(FixedPolicy):
     observes = True
@@ -351,8 +365,7 @@ class _Collector(FixedPolicy):
         self.scheduler = scheduler
 
     def on_router(self, rt: Runtime, batch: RouterBatch) -> None:
-        for layer, x_norm, r in zip(batch.layers, batch.x_norm, batch.routed):
-            self.scheduler.observe_routed(layer, x_norm, r.selected, r.weights)
+        observe(self.scheduler, batch)
 
 
 CALIB_CHUNK = 256  # tokens per calibration window: fixed, so the result does not depend on n_ctx or slots

@@ -29,6 +29,10 @@ class ResidencyPolicy(Protocol):
 
     def before_decode(self, rt: "Runtime") -> None: ...
 
+    def scores_due(self, rt: "Runtime") -> bool:
+        """Whether the decode steps the router tap has gathered must be scored now."""
+        ...
+
 
 class Runtime(Protocol):
     """The runtime as policies and the profiler see it: its slot model, router tap and full router,

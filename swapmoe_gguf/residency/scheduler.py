@@ -77,6 +77,7 @@ class ImportanceScheduler:
         self.scores = np.zeros((len(self.layers), self.n_expert), dtype=np.float64)  # [n_layer, n_expert]
         self.prior = np.zeros_like(self.scores)                                          # [n_layer, n_expert]
         self._since_update = 0
+        self._rows: dict[tuple[int, ...], np.ndarray] = {}  # layers -> their rows (a step's layers repeat)
 
     def set_prior(self, rate: np.ndarray) -> None:
         """rate [n_layer, n_expert]: calibrated importance per token (Eq. 1 summed over a calibration
@@ -98,14 +99,27 @@ class ImportanceScheduler:
     def observe_routed(self, layer: int, x_norm: np.ndarray, selected: np.ndarray, weights: np.ndarray) -> None:
         """Add one layer's tokens: x_norm [n_tok], the full model's selected experts [n_tok, k] and the
         weights it gives them [n_tok, k] (its own gate: softmax, sigmoid, normalised, scaled...)."""
-        n_tok = selected.shape[0]
-        gate = np.abs(weights) * x_norm[:, None]                                       # [n_tok, k]
+        self.observe_layers((layer,), x_norm[None], selected[None], weights[None])
+
+    def observe_layers(self, layers: tuple[int, ...], x_norm: np.ndarray, selected: np.ndarray,
+                       weights: np.ndarray) -> None:
+        """Add G layers' tokens at once (one numpy pass, the same sums as layer by layer): x_norm
+        [G, n_tok], selected [G, n_tok, k], weights [G, n_tok, k]."""
+        rows = self._rows.get(layers)
+        if rows is None:
+            rows = self._rows[layers] = np.array([self.index[l] for l in layers])
+        g, n_tok = x_norm.shape
+        gate = np.abs(weights) * x_norm[..., None]                                     # [G, n_tok, k]
         # Token t's contribution decays by decay^(n_tok-1-t) by the end of this batch.
         w = self.config.decay ** np.arange(n_tok - 1, -1, -1, dtype=np.float64)        # [n_tok]
-        contrib = np.zeros(self.n_expert)
-        np.add.at(contrib, selected.ravel(), (gate * w[:, None]).ravel())
-        i = self.index[layer]
-        self.scores[i] = self.scores[i] * self.config.decay ** n_tok + contrib * self.norms[i]
+        contrib = np.zeros((g, self.n_expert))                                         # [G, n_expert]
+        flat = (np.arange(g)[:, None, None] * self.n_expert + selected).ravel()
+        np.add.at(contrib.reshape(-1), flat, (gate * w[:, None]).ravel())
+        self.scores[rows] = self.scores[rows] * self.config.decay ** n_tok + contrib * self.norms[rows]
+
+    def due(self, n_tokens: int) -> bool:
+        """Whether `tick(n_tokens)` would make an update due."""
+        return self._since_update + n_tokens >= self.config.interval
 
     def tick(self, n_tokens: int) -> bool:
         """Count decoded tokens; True when an update is due."""
@@ -123,17 +137,27 @@ class ImportanceScheduler:
         self._since_update = 0
         self.stats.updates += 1
         q = self.config.quota if quota is None else quota
-        out: list[Swap] = []
-        for layer, slots in resident.items():
-            s = self.effective(layer)
-            res = set(slots)
-            # weakest resident first, strongest outsider first
-            free = sorted((i for i in range(len(slots)) if (layer, i) not in busy), key=lambda i: s[slots[i]])
-            cand = sorted((e for e in range(self.n_expert) if e not in res), key=lambda e: -s[e])
-            for slot, e in zip(free[:q], cand[:q]):
-                old = slots[slot]
-                if s[e] <= 0 or s[e] < self.config.margin * s[old]:
-                    break
-                out.append(Swap(layer, slot, e, old, float(s[e] / max(s[old], 1e-30))))
+        layers = list(resident)
+        slots = np.array([resident[l] for l in layers])                                # [L, S]
+        n_slot = slots.shape[1] if slots.ndim == 2 else 0
+        j = min(q, n_slot, self.n_expert - n_slot)
+        if not layers or j <= 0:
+            return []
+        rows = np.array([self.index[l] for l in layers])
+        s = self.scores[rows] + self.prior[rows]                                        # [L, n_expert]
+        res_s = np.take_along_axis(s, slots, axis=1)                                    # [L, S]
+        for layer, slot in busy:
+            if layer in resident:
+                res_s[layers.index(layer), slot] = np.inf  # never evicted: sorts last, beats no one
+        # weakest resident first, strongest outsider first (stable: ties by slot, by expert id)
+        free = np.argsort(res_s, axis=1, kind="stable")[:, :j]                          # [L, j] slots
+        key = -s
+        np.put_along_axis(key, slots, np.inf, axis=1)                                   # residents last
+        cand = np.argsort(key, axis=1, kind="stable")[:, :j]                            # [L, j] experts
+        new_s, old_s = np.take_along_axis(s, cand, axis=1), np.take_along_axis(res_s, free, axis=1)
+        # a layer stops at its first pair that fails (zero score, or not `margin` better)
+        ok = np.logical_and.accumulate((new_s > 0) & (new_s >= self.config.margin * old_s), axis=1)
+        out = [Swap(layers[i], int(free[i, k]), int(cand[i, k]), int(slots[i, free[i, k]]),
+                    float(new_s[i, k] / max(old_s[i, k], 1e-30))) for i, k in zip(*np.nonzero(ok))]
         self.stats.proposed += len(out)
         return out

@@ -24,6 +24,13 @@ class TelemetrySnapshot:
     peak_rss_bytes: int
     budget_bytes: int | None
     decode_swaps: int = 0     # swaps committed in one-token steps
+    # the scheduler's own work in one-token steps: router inputs read (in C or Python), routing, Eq. 1,
+    # hit counting, swap decisions and commits; summed seconds (per token: / decode_tokens)
+    decode_sched_seconds: float = 0.0
+
+    @property
+    def sched_us_per_token(self) -> float | None:
+        return 1e6 * self.decode_sched_seconds / self.decode_tokens if self.decode_tokens else None
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Telemetry:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     decode_swaps: int = 0      # swaps committed in one-token steps (the floor's on-demand loads among them)
+    decode_sched_seconds: float = 0.0  # see TelemetrySnapshot
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     hit_mass: float = 0.0      # sum over (token, layer) of the hit share

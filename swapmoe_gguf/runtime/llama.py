@@ -125,6 +125,7 @@ class SwapMoELlama(Llama):
         self.telemetry_ = Telemetry()
         self._rss = RssProbe()
         self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
+        self._hit_masks: list[tuple[int, np.ndarray]] = []  # see _add_hits
         self.repack = repack
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts, repack=repack,
                                          n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info,
@@ -137,8 +138,12 @@ class SwapMoELlama(Llama):
         # the exact policy also needs the probability nodes: decided by what was asked for, so that a
         # budget change from `full` back to `exact` finds them
         self.full_router = self._full_router()
+        # decode steps read router inputs in C (up to n_seq_max tokens a step, one per parallel sequence)
+        # and are scored every F steps, when the scheduler acts: room for F such steps, and one more
+        cfg = scheduler or SchedulerConfig()
         self.tap = RouterTap(self.full_router, in_graph=getattr(self.policy, "in_graph", None),
-                             probs=self.requested_policy == "exact" or self.max_dropped_mass < 1.0)
+                             probs=self.requested_policy == "exact" or self.max_dropped_mass < 1.0,
+                             capture_tokens=min(n_seq_max, 16), capture_steps=min(cfg.interval, 64) + 1)
         self.tap.enabled = False
         self.tap.stride = (scheduler or SchedulerConfig()).observe_every if policy == "swapmoe" else 1
         try:
@@ -286,8 +291,11 @@ class SwapMoELlama(Llama):
     def decode_batch(self, batch: llama_cpp.llama_batch, run: Callable[[], None] | None = None) -> None:
         """llama_decode with the runtime's hooks around it (tap, scheduler, swaps, telemetry): for
         callers that build their own batches (the parallel engine)."""
-        self.tap.batch_tokens = batch.n_tokens
-        swaps0 = self.telemetry_.swaps
+        t_start = time.perf_counter()
+        self.tap.begin(batch.n_tokens)
+        swaps0, copy0 = self.telemetry_.swaps, self.tap.capture_seconds
+        if self.tap.pending_steps and not self.tap.will_capture(batch.n_tokens):
+            self._flush_tap()  # the steps so far are scored before this one
         self._before_decode()
         t0 = time.perf_counter()
         if run is not None:
@@ -298,9 +306,13 @@ class SwapMoELlama(Llama):
                 raise ContextFull("no room in the KV cache for this batch")
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
-        self._after_decode(batch.n_tokens, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self._after_decode(batch.n_tokens, t1 - t0)
         if batch.n_tokens == 1:
-            self.telemetry_.decode_swaps += self.telemetry_.swaps - swaps0
+            t = self.telemetry_
+            t.decode_swaps += t.swaps - swaps0
+            # the hooks around the decode, and the router inputs the C filter copied inside it
+            t.decode_sched_seconds += (t0 - t_start) + (time.perf_counter() - t1) + self.tap.capture_seconds - copy0
 
     def _before_decode(self) -> None:
         if self._stop.is_set():
@@ -310,6 +322,11 @@ class SwapMoELlama(Llama):
         if self.pending:  # commit at most `commit_rate` finished swaps per step, on average
             self._commit_credit = min(self._commit_credit + self.commit_rate, max(1.0, self.commit_rate))
             if self._commit_credit >= 1.0:
+                if self.tap.pending_steps and not self.policy.owns_hit_rate and any(p[3].done() for p in self.pending):
+                    if self.tap.pending_aligned:  # each step's hits count against the experts it ran with
+                        self._hit_masks.append((self.tap.pending_steps, self.vmodel.resident_mask.copy()))
+                    else:
+                        self._flush_tap()
                 self._commit_credit -= self.apply_pending(limit=int(self._commit_credit))
 
     def _after_decode(self, n_tokens: int, seconds: float) -> None:
@@ -328,15 +345,41 @@ class SwapMoELlama(Llama):
             t.prefill_seconds += seconds
         batch = self.tap.take()
         if batch is not None:
-            if not self.policy.owns_hit_rate:
-                self._add_hits(batch)
-            self.policy.on_router(self, batch)
+            self._observe(batch)
+        elif self.tap.pending_steps and self.policy.scores_due(self):
+            self._flush_tap()
         self._sample_rss()
 
-    def _add_hits(self, batch: RouterBatch) -> None:
-        """Share of the full model's expert weight on resident experts, every scored token and layer."""
-        mask = self.vmodel.resident_mask
-        shares = [hit_shares(r, mask[self.tap.index[l]]) for l, r in zip(batch.layers, batch.routed)]
+    def _flush_tap(self) -> None:
+        """Score the decode steps the router tap gathered (with the resident sets they ran with)."""
+        masks, self._hit_masks = self._hit_masks, []
+        batch = self.tap.flush()
+        if batch is not None:
+            self._observe(batch, masks)
+
+    def _observe(self, batch: RouterBatch, masks: list[tuple[int, np.ndarray]] = ()) -> None:  # type: ignore[assignment]
+        """Hand the full model's routing to the hit counter and the policy."""
+        if not self.policy.owns_hit_rate:
+            self._add_hits(batch, masks)
+        self.policy.on_router(self, batch)
+
+    def _add_hits(self, batch: RouterBatch, masks: list[tuple[int, np.ndarray]] = ()) -> None:  # type: ignore[assignment]
+        """Share of the full model's expert weight on resident experts, every scored token and layer.
+        `masks`: (step, resident mask) where swaps were committed during the gathered decode steps:
+        the steps before `step` (since the previous entry) ran with that mask."""
+        mask = self.vmodel.resident_mask                                                  # [n_moe_layer, n_expert]
+        shares = []
+        for g in batch.groups:
+            if masks:
+                m = np.empty((len(g.rows), g.n_tokens, mask.shape[1]), dtype=bool)       # [G, n, n_expert]
+                start = 0
+                for end, old in [*masks, (g.n_tokens, mask)]:
+                    m[:, start:end] = old[g.rows][:, None, :]
+                    start = end
+                m = m.reshape(-1, mask.shape[1])
+            else:
+                m = np.repeat(mask[g.rows], g.n_tokens, axis=0)
+            shares.append(hit_shares(g.routed, m))
         self.telemetry_.add_hits(np.concatenate(shares) if len(shares) > 1 else shares[0])
 
     def _sample_rss(self) -> int:
@@ -397,6 +440,7 @@ class SwapMoELlama(Llama):
         if new.slots == vm.slots:
             self.memory = new
             return new.slots
+        self._flush_tap()  # the scores the new set is chosen by
         initial = {l: self._ranked(l)[: new.slots] for l in vm.moe_layers}
         self.apply_pending(wait=True)
         path, ngl = str(vm.info.path), self.model_params.n_gpu_layers
@@ -442,6 +486,8 @@ class SwapMoELlama(Llama):
 
     # reporting -----------------------------------------------------------------------------
     def telemetry(self) -> TelemetrySnapshot:
+        """Counters so far; decode steps not scored yet are scored first (their hits count)."""
+        self._flush_tap()
         st, t = self.vmodel.store.stats, self.telemetry_
         return TelemetrySnapshot(
             resident={l: tuple(v) for l, v in self.vmodel.slot_map.items()}, slots=self.vmodel.slots,
@@ -450,7 +496,7 @@ class SwapMoELlama(Llama):
             decode_seconds=t.decode_seconds, prefill_tokens=t.prefill_tokens, prefill_seconds=t.prefill_seconds,
             hit_rate=1.0 if self.vmodel.slots == self.vmodel.n_expert else t.hit_rate,
             rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes,
-            decode_swaps=t.decode_swaps)
+            decode_swaps=t.decode_swaps, decode_sched_seconds=t.decode_sched_seconds)
 
     def close(self) -> None:
         # Queued reads are cancelled; finished ones give their buffers back; the one running (if any)

@@ -1,0 +1,89 @@
+"""Decode speed of `swapmoe` against `static` (the pruned model) and `full` in a plain greedy loop.
+
+The scheduler's per-token cost (issue 26) shows most on small, fast steps: this runs the embedded
+default model (or -m MODEL) at S experts per layer, greedy, with prompts that switch topic, each
+policy in a fresh process per round, rounds interleaved. Prints tok/s per policy (median of rounds),
+swapmoe/static, and the scheduler's own time per token (telemetry: the hooks around each decode
+and the router inputs copied in C).
+
+    python bench/decode_loop.py [-m MODEL] [--experts 16] [--rounds 5] [-n 64] [-t 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPTS = ("ROMEO.\nBut soft, what light through yonder window breaks?\n",
+           "def read_config(path):\n    \"\"\"Read a JSON configuration file.\"\"\"\n",
+           "KING HENRY.\nOnce more unto the breach, dear friends, once more;\n",
+           "class Cache:\n    def __init__(self, size):\n")
+
+
+def cell(model: str, policy: str, experts: int, n: int, threads: int) -> dict:
+    import numpy as np
+
+    from swapmoe_gguf.commands.evaluate import last_logits
+    from swapmoe_gguf.runtime import SwapMoELlama
+
+    kw = {} if policy == "full" else {"experts_per_layer": experts}
+    llm = SwapMoELlama(model, policy=policy, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False,
+                       **kw)
+    try:
+        secs, toks = 0.0, 0
+        for text in PROMPTS:
+            llm.reset()
+            llm.eval(llm.tokenize(text.encode(), add_bos=True))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                llm.eval([int(np.argmax(last_logits(llm)))])
+            secs += time.perf_counter() - t0
+            toks += n
+        t = llm.telemetry()
+        return {"tok_s": toks / secs, "sched_us": 1e6 * t.decode_sched_seconds / max(1, t.decode_tokens),
+                "step_us": 1e6 * secs / toks, "swaps": t.swaps, "hit_rate": t.hit_rate}
+    finally:
+        llm.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", default=None)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("-n", type=int, default=64, help="tokens per prompt")
+    ap.add_argument("-t", "--threads", type=int, default=1)
+    ap.add_argument("--policies", default="full,static,swapmoe")
+    ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.cell:
+        print(json.dumps(cell(a.model, a.cell, a.experts, a.n, a.threads)))
+        return 0
+    if a.model is None:
+        from swapmoe_gguf.converters.default_model import default_model
+
+        a.model = str(default_model())
+    res: dict[str, list[dict]] = {p: [] for p in a.policies.split(",")}
+    for r in range(a.rounds):
+        for p in res:
+            out = subprocess.run([sys.executable, __file__, "-m", a.model, "--cell", p, "--experts", str(a.experts),
+                                  "-n", str(a.n), "-t", str(a.threads)], capture_output=True, text=True, check=True)
+            res[p].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{a.model}: S={a.experts}, {a.rounds} rounds, {len(PROMPTS)} prompts x {a.n} tokens, {a.threads} thread(s)")
+    med = {p: statistics.median(x["tok_s"] for x in v) for p, v in res.items()}
+    for p, v in res.items():
+        print(f"  {p:8s} {med[p]:8.1f} tok/s  step {statistics.median(x['step_us'] for x in v):7.1f} us  "
+              f"scheduler {statistics.median(x['sched_us'] for x in v):6.1f} us/token  swaps {v[-1]['swaps']}")
+    if "swapmoe" in med and "static" in med:
+        sw = statistics.median(x["sched_us"] for x in res["swapmoe"])
+        step = statistics.median(x["step_us"] for x in res["swapmoe"])
+        print(f"  swapmoe / static: {med['swapmoe'] / med['static']:.3f}  (target >= 0.95); "
+              f"scheduler {100 * sw / step:.1f} % of swapmoe's step (target <= 3 %)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
