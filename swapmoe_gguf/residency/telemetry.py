@@ -24,6 +24,10 @@ class TelemetrySnapshot:
     peak_rss_bytes: int
     budget_bytes: int | None
     decode_swaps: int = 0     # swaps committed in one-token steps
+    # weight buffers (expert slots included) llama.cpp allocated on each non-host buffer type, as
+    # allocated ("RPC0[127.0.0.1:50052]", "CUDA0"); KV and compute buffers are not in it
+    device_bytes: dict[str, int] | None = None
+    vram_budget_bytes: int | None = None
 
 
 @dataclass
