@@ -20,8 +20,8 @@ PROMPT = b"The quick brown fox jumps over the lazy dog. Experts route tokens; th
 
 
 def build(a: argparse.Namespace, **kw):  # type: ignore[no-untyped-def]
-    dev = dict(rpc_servers=a.rpc, n_gpu_layers=a.ngl, tensor_split=a.tensor_split, vram_budget=a.vram_budget) \
-        if a.rpc else {}
+    dev = dict(rpc_servers=a.rpc, n_gpu_layers=a.ngl, tensor_split=a.tensor_split, vram_budget=a.vram_budget,
+               cpu_moe=a.cpu_moe) if a.rpc else {}
     return SwapMoELlama(a.model or str(default_model()), n_ctx=a.ctx, n_threads=1, n_threads_batch=1,
                         verbose=False, **dev, **kw)
 
@@ -54,12 +54,14 @@ def main() -> None:
     p.add_argument("--vram-budget", default=None)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--hold", action="store_true")
+    p.add_argument("--cpu-moe", action="store_true")
     p.add_argument("--policy", default="full", help="of the `full` scenario (exact: S from --vram-budget)")
     a = p.parse_args()
     res: dict[str, object] = {}
     if a.scenario == "full":  # every position's logits of `full`
         llm = build(a, policy=a.policy, logits_all=True)
         res["slots"] = llm.vmodel.slots
+        res["slot_buffer"] = llm.vmodel.slot_buffer(next(n for n in llm.vmodel.handles if "_exps" in n))
         res["logits"] = scores(llm, llm.tokenize(PROMPT, add_bos=True))
         tel = llm.telemetry()
         res["device_bytes"] = json.dumps(tel.device_bytes)

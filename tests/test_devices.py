@@ -105,6 +105,17 @@ def test_full_on_rpc_equals_cpu_at_every_position(servers, tmp_path):
     assert list(placed) == [f"RPC0[{srv.endpoint}]"] and placed[f"RPC0[{srv.endpoint}]"] > 1 << 20
 
 
+def test_cpu_moe_keeps_the_slots_on_the_host(servers, tmp_path):
+    srv = servers()
+    cpu = client(tmp_path, "full")
+    dev = client(tmp_path, "full", "--rpc", srv.endpoint, "--ngl", "99")
+    moe = client(tmp_path, "full", "--rpc", srv.endpoint, "--ngl", "99", "--cpu-moe")
+    assert str(dev["slot_buffer"]).startswith("RPC0[") and str(moe["slot_buffer"]) == "CPU"
+    on_dev = lambda r: sum(json.loads(str(r["device_bytes"])).values())  # noqa: E731
+    assert 0 < on_dev(moe) < on_dev(dev) / 2  # the experts are most of this model
+    assert np.array_equal(cpu["logits"], moe["logits"])
+
+
 def test_swaps_through_rpc_equal_a_fresh_build(servers, tmp_path):
     srv = servers()
     r = client(tmp_path, "swap", "--rpc", srv.endpoint, "--ngl", "99")
