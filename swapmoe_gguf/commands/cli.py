@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from ..base.errors import SwapMoEError
 from ..serving.settings import (SWITCH_EVERY, add_device_args, add_model_args, add_sampling_args, add_server_args,
-                                dropped_mass)
+                                device_kwargs, dropped_mass)
 
 log = logging.getLogger("swapmoe_gguf")
 
@@ -143,7 +143,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     res = run_eval(a.model or str(default_model()), texts, policies=policies, experts_per_layer=a.experts_per_layer,
                    memory_budget=a.memory_budget, ctx=a.ctx_size, chunks=a.chunks,
                    threads=a.threads or max(1, (os.cpu_count() or 2) // 2),
-                   floors=tuple(a.max_dropped_mass or ()), switch_every=a.switch_every)
+                   floors=tuple(a.max_dropped_mass or ()), switch_every=a.switch_every,
+                   device=device_kwargs(a))
     print(render(res))
     return 0
 
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--ctx-size", type=int, default=256, help="tokens per chunk (one request)")
     ev.add_argument("--chunks", type=int, default=16)
     ev.add_argument("-t", "--threads", type=int, default=0)
+    ev.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the devices")
+    add_device_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
     b = sub.add_parser("bench", help="full/static/exact/swapmoe side by side: speed, memory and quality")

@@ -204,6 +204,11 @@ def model_settings(ns: argparse.Namespace) -> ModelSettings:
     return s
 
 
+def device_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
+    """SwapMoELlama's placement arguments (with n_gpu_layers) from a parser with `add_device_args`."""
+    return {"n_gpu_layers": ns.n_gpu_layers, **model_settings(ns).device_kwargs()}
+
+
 def sampling_settings(ns: argparse.Namespace) -> SamplingSettings:
     return _pick(SamplingSettings, ns)
 
