@@ -181,6 +181,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     kw = {k: v for k, v in dict(out_dir=a.output, speed_model=a.model, quality_model=a.quality_model, text=a.text,
                                 budgets=budgets, n_predict=a.n_predict, rounds=a.rounds, threads=a.threads,
                                 chunks=a.chunks, types=types, floors=floors).items() if v is not None}
+    dev = device_kwargs(a)
+    if dev["n_gpu_layers"] or dev["rpc_servers"]:  # the speed cells' placement; quality stays on the CPU
+        kw["device"] = json.dumps(dev)
     opts = BenchOptions.quick_options(**kw) if a.quick else BenchOptions(**kw)
     if opts.n_predict < 2 or opts.rounds < 1 or opts.chunks < 1:
         raise SwapMoEError("bench: need -n >= 2, --rounds >= 1 and --chunks >= 1")
@@ -292,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "llama-cpp-python (default q4_k_m; '' for none)")
     b.add_argument("--floors", default=None, help="swapmoe quality floors (--max-dropped-mass) measured beside "
                    "plain swapmoe at each budget (default 0.3; '' for none)")
+    b.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="speed cells: layers on the devices")
+    add_device_args(b)
     b.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json, bench.png")
     b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
     b.add_argument("--scale", action="store_true",
