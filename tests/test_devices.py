@@ -253,3 +253,36 @@ def test_one_ggml_is_loaded():
     names = {Path(m).name.split(".so")[0] for m in maps}
     for name in names:
         assert len({m for m in maps if Path(m).name.split(".so")[0] == name}) == 1, sorted(set(maps))
+
+
+def test_missing_rpc_skips_naming_the_build_and_fails_under_ci(monkeypatch):
+    import swapmoe_gguf.llamacpp.devices as devices
+
+    monkeypatch.setattr(devices, "rpc_missing_reason", lambda: "no libggml-rpc here")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"\.ci/llama-build"):
+        _need_rpc()
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="no libggml-rpc here"):
+        _need_rpc()
+
+
+def test_device_budget_names_the_part_over_and_by_how_much():
+    from swapmoe_gguf.residency.budget import Budget, BudgetError
+    from swapmoe_gguf.residency.device_budget import DevicePlan, fit_device, offloaded_layers
+
+    assert list(offloaded_layers(4, 99)) == [0, 1, 2, 3] and list(offloaded_layers(4, 2)) == [3]  # output counts
+    assert list(offloaded_layers(4, -1)) == [0, 1, 2, 3] and list(offloaded_layers(4, 0)) == []
+    mib = 1 << 20
+    plan = DevicePlan(weights=10 * mib, kv_cache=2 * mib, compute=4 * mib, per_slot=1 * mib, slots=8)
+    fitted = fit_device(plan, Budget(nbytes=21 * mib), total_device=100 * mib, top_k=2, n_expert=8,
+                        experts_per_layer=None)
+    assert fitted.slots == 5 and fitted.limit == 21 * mib
+    assert fit_device(plan, Budget(percent=50), total_device=100 * mib, top_k=2, n_expert=8,
+                      experts_per_layer=None).slots == 8
+    with pytest.raises(BudgetError, match=r"--vram-budget 15.0 MiB is 3.0 MiB short \(weights, KV cache and compute"):
+        fit_device(plan, Budget(nbytes=15 * mib), total_device=100 * mib, top_k=2, n_expert=8, experts_per_layer=None)
+    with pytest.raises(BudgetError, match=r"1.0 MiB short \(the 2 experts per layer top-k needs"):
+        fit_device(plan, Budget(nbytes=17 * mib), total_device=100 * mib, top_k=2, n_expert=8, experts_per_layer=None)
+    with pytest.raises(BudgetError, match=r"--experts-per-layer 7 needs 23.0 MiB on the device, 2.0 MiB over"):
+        fit_device(plan, Budget(nbytes=21 * mib), total_device=100 * mib, top_k=2, n_expert=8, experts_per_layer=7)
