@@ -57,7 +57,9 @@ def main() -> None:
     p.add_argument("--cpu-moe", action="store_true")
     p.add_argument("--policy", default="full", help="of the `full` scenario (exact: S from --vram-budget)")
     a = p.parse_args()
-    res: dict[str, object] = {}
+    import swapmoe_gguf
+
+    res: dict[str, object] = {"package": swapmoe_gguf.__file__}  # the tree under test (tests/test_devices.py checks)
     if a.scenario == "full":  # every position's logits of `full`
         llm = build(a, policy=a.policy, logits_all=True)
         res["slots"] = llm.vmodel.slots

@@ -91,7 +91,12 @@ def client(tmp_path: Path, scenario: str, *args: str, timeout: float = 300) -> d
                        text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     with np.load(out) as z:
-        return {k: z[k] for k in z.files}
+        res = {k: z[k] for k in z.files}
+    import swapmoe_gguf
+
+    # the child imported the same tree as this session (two editable installs can shadow each other)
+    assert str(res["package"]) == swapmoe_gguf.__file__, (str(res["package"]), swapmoe_gguf.__file__)
+    return res
 
 
 def test_full_on_rpc_equals_cpu_at_every_position(servers, tmp_path):

@@ -91,7 +91,9 @@ def fit_device(plan: DevicePlan, budget: Budget, *, total_device: int, top_k: in
                           f"needs at least {fmt(need)} = {plan.parts(top_k)}; lower -ngl or move experts to the "
                           "host with --n-cpu-moe N")
     if experts_per_layer is not None and experts_per_layer > fit:
-        raise BudgetError(f"--experts-per-layer {experts_per_layer} needs {fmt(plan.total(experts_per_layer))} on the "
+        what = (f"all {n_expert} experts per layer (policy full)" if experts_per_layer == n_expert
+                else f"--experts-per-layer {experts_per_layer}")
+        raise BudgetError(f"{what} needs {fmt(plan.total(experts_per_layer))} on the "
                           f"device, {fmt(plan.total(experts_per_layer) - limit)} over --vram-budget {fmt(limit)}; "
                           f"it admits at most {fit}")
     return replace(plan, slots=min(plan.slots, int(fit)), limit=limit)
