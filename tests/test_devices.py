@@ -108,6 +108,11 @@ def test_full_on_rpc_equals_cpu_at_every_position(servers, tmp_path):
     assert np.array_equal(cpu["logits"], dev["logits"])
     placed = json.loads(str(dev["device_bytes"]))
     assert list(placed) == [f"RPC0[{srv.endpoint}]"] and placed[f"RPC0[{srv.endpoint}]"] > 1 << 20
+    # -ngl 3: the last 2 of 6 layers and the output on the device, the rest (and their slots) on the host
+    part = client(tmp_path, "full", "--rpc", srv.endpoint, "--ngl", "3")
+    assert np.array_equal(cpu["logits"], part["logits"])
+    assert str(part["slot_buffer"]) == "CPU"  # the first expert tensor belongs to layer 0
+    assert 0 < json.loads(str(part["device_bytes"]))[f"RPC0[{srv.endpoint}]"] < placed[f"RPC0[{srv.endpoint}]"] / 2
 
 
 def test_cpu_moe_keeps_the_slots_on_the_host(servers, tmp_path):
