@@ -143,7 +143,7 @@ class SwapMoELlama(Llama):
         try:
             self.placement.check_built(self.vmodel)
         except BaseException:
-            self.vmodel.close()
+            self.close()  # the model and the RSS probe (Llama.__init__ has not run)
             raise
         self.policy = self._make_policy(policy, scheduler)
         self._stop = threading.Event()
