@@ -37,6 +37,7 @@ class SpeedCell:
     max_dropped_mass: float = 1.0  # swapmoe's quality floor (1: none)
     budget: str = ""         # an absolute budget ("8GiB") instead of budget_pct
     long_prompt: bool = True  # also time a prefill-only request of LONG_PROMPT_TOKENS
+    device: str = ""          # JSON of SwapMoELlama's placement arguments (n_gpu_layers, rpc_servers, ...)
 
     @property
     def memory_budget(self) -> str:
@@ -128,8 +129,18 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
     kw = dict(n_ctx=cell.n_ctx, n_batch=min(512, cell.n_ctx), n_threads=cell.threads,
               n_threads_batch=cell.threads, verbose=False, seed=1, flash_attn=True)
     full_bytes = estimate(info, n_ctx=cell.n_ctx, n_batch=kw["n_batch"]).total()  # what `full` needs
+    dev = json.loads(cell.device) if cell.device else {}
+    ngl = int(dev.get("n_gpu_layers", 0))
+    if dev.get("rpc_servers"):  # registered before anything builds a model (the profile included)
+        from ..llamacpp.devices import add_rpc_servers
+
+        add_rpc_servers(dev["rpc_servers"])
     if cell.policy == "plain":
-        llm: Any = llama_cpp.Llama(cell.model, **kw)
+        # stock llama-cpp-python on the same layers and devices (no -ot/--cpu-moe: Llama has no such argument)
+        from ..llamacpp.devices import parse_tensor_split
+
+        split = parse_tensor_split(dev.get("tensor_split"))
+        llm: Any = llama_cpp.Llama(cell.model, n_gpu_layers=ngl, tensor_split=split, **kw)
     else:
         plan = None
         if cell.policy == "swapmoe":
@@ -138,12 +149,12 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
             from ..residency.budget import parse_budget, plan_slots
 
             budget = parse_budget(cell.memory_budget)
-            prof = load_or_measure(info, SwapMoELlama, threads=cell.threads)
+            prof = load_or_measure(info, SwapMoELlama, threads=cell.threads, n_gpu_layers=ngl)
             # the S the runtime picks for this budget (as for static and exact), then F and Q for it
             slots = plan_slots(estimate(info, n_ctx=cell.n_ctx, n_batch=kw["n_batch"]), budget, None).slots
             plan = make_plan(info, prof, budget, n_ctx=cell.n_ctx, threads=cell.threads, experts_per_layer=slots)
         llm = SwapMoELlama(cell.model, policy=cell.policy, memory_budget=cell.memory_budget, plan=plan,
-                           max_dropped_mass=cell.max_dropped_mass, **kw)
+                           max_dropped_mass=cell.max_dropped_mass, **dev, **kw)
     ours = isinstance(llm, SwapMoELlama)
     try:
         # Teacher-forced: every cell decodes the same token stream (a text, one token per step), so
@@ -217,12 +228,13 @@ def _run_in_child(cell: SpeedCell, timeout: float) -> dict[str, Any]:
 
 
 def speed_cells(model: str, budgets: list[float], n_predict: int, threads: int, n_ctx: int,
-                floors: tuple[float, ...] = ()) -> list[SpeedCell]:
-    cells = [SpeedCell(model, p, 100.0, n_predict, threads, n_ctx) for p in ("full", "plain")]
+                floors: tuple[float, ...] = (), device: str = "") -> list[SpeedCell]:
+    cells = [SpeedCell(model, p, 100.0, n_predict, threads, n_ctx, device=device) for p in ("full", "plain")]
     for b in budgets:
         if b < 100:
-            cells += [SpeedCell(model, p, b, n_predict, threads, n_ctx) for p in SPEED_POLICIES]
-            cells += [SpeedCell(model, "swapmoe", b, n_predict, threads, n_ctx, max_dropped_mass=t) for t in floors]
+            cells += [SpeedCell(model, p, b, n_predict, threads, n_ctx, device=device) for p in SPEED_POLICIES]
+            cells += [SpeedCell(model, "swapmoe", b, n_predict, threads, n_ctx, max_dropped_mass=t, device=device)
+                      for t in floors]
     return cells
 
 

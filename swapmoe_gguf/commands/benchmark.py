@@ -18,6 +18,7 @@ default model:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -70,6 +71,7 @@ class BenchOptions:
     quick: bool = False
     types: tuple[str, ...] = ("q4_k_m",)  # quant types for the stock-speed rows
     floors: tuple[float, ...] = (0.3,)     # swapmoe's quality floors measured beside plain swapmoe
+    device: str = ""                       # JSON of the speed cells' placement (n_gpu_layers, rpc_servers, ...)
 
     @classmethod
     def quick_options(cls, **kw: Any) -> "BenchOptions":
@@ -162,8 +164,15 @@ def run_bench(o: BenchOptions) -> dict[str, Path]:
     from ..planning.profile import load_or_measure
     from ..runtime import SwapMoELlama
 
-    prof = load_or_measure(info, SwapMoELlama, threads=threads)  # profile once (cached), before anything is timed
-    cells = speed_cells(speed_model, sorted(o.budgets, reverse=True), o.n_predict, threads, o.n_ctx, o.floors)
+    dev = json.loads(o.device) if o.device else {}
+    if dev.get("rpc_servers"):
+        from ..llamacpp.devices import add_rpc_servers
+
+        add_rpc_servers(dev["rpc_servers"])
+    # profile once (cached), before anything is timed
+    prof = load_or_measure(info, SwapMoELlama, threads=threads, n_gpu_layers=int(dev.get("n_gpu_layers", 0)))
+    cells = speed_cells(speed_model, sorted(o.budgets, reverse=True), o.n_predict, threads, o.n_ctx, o.floors,
+                        device=o.device)
     cells += [SpeedCell(str(typed_model(t, o.quick)), p, 100.0, o.n_predict, threads, o.n_ctx, label=t,
                         drop_cache=False) for t in o.types for p in ("full", "plain")]
     t0 = time.perf_counter()

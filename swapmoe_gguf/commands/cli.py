@@ -11,7 +11,8 @@ import sys
 from typing import Callable, Sequence
 
 from ..base.errors import SwapMoEError
-from ..serving.settings import SWITCH_EVERY, add_model_args, add_sampling_args, add_server_args, dropped_mass
+from ..serving.settings import (SWITCH_EVERY, add_device_args, add_model_args, add_sampling_args, add_server_args,
+                                device_kwargs, dropped_mass)
 
 log = logging.getLogger("swapmoe_gguf")
 
@@ -38,9 +39,18 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     from ..fileformat.reader import read_gguf
     from .inspect import render, summary
 
+    from .devices import device_rows, render_devices
+
     s = summary(read_gguf(a.model, partial=True))  # a split GGUF with shards missing: say which
-    print(json.dumps(s, indent=2) if a.json else render(s))
+    s["devices"] = device_rows()
+    print(json.dumps(s, indent=2) if a.json else render(s) + "\n" + render_devices(s["devices"]))
     return 0
+
+
+def _cmd_rpc_server(a: argparse.Namespace) -> int:
+    from .devices import run_rpc_server
+
+    return run_rpc_server(host=a.host, port=a.port, threads=a.threads, cache=a.cache, devices_csv=a.device)
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
@@ -67,6 +77,10 @@ def _cmd_plan(a: argparse.Namespace) -> int:
 
         parse_target(a.floor)  # a bad target is refused before anything is measured
     threads = a.threads or max(1, (os.cpu_count() or 2) // 2)
+    from .devices import device_rows, register_rpc, render_devices
+
+    register_rpc(a.rpc)  # before profiling: its models offload to them with -ngl
+    print(render_devices(device_rows()) + "\n")
     prof = load_or_measure(info, SwapMoELlama, threads=threads, n_gpu_layers=a.n_gpu_layers,
                            refresh=a.reprofile)
     plan = make_plan(info, prof, budget, n_ctx=a.ctx_size, threads=threads, experts_per_layer=a.experts_per_layer,
@@ -129,7 +143,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     res = run_eval(a.model or str(default_model()), texts, policies=policies, experts_per_layer=a.experts_per_layer,
                    memory_budget=a.memory_budget, ctx=a.ctx_size, chunks=a.chunks,
                    threads=a.threads or max(1, (os.cpu_count() or 2) // 2),
-                   floors=tuple(a.max_dropped_mass or ()), switch_every=a.switch_every)
+                   floors=tuple(a.max_dropped_mass or ()), switch_every=a.switch_every,
+                   device=device_kwargs(a))
     print(render(res))
     return 0
 
@@ -166,6 +181,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     kw = {k: v for k, v in dict(out_dir=a.output, speed_model=a.model, quality_model=a.quality_model, text=a.text,
                                 budgets=budgets, n_predict=a.n_predict, rounds=a.rounds, threads=a.threads,
                                 chunks=a.chunks, types=types, floors=floors).items() if v is not None}
+    dev = device_kwargs(a)
+    if dev["n_gpu_layers"] or dev["rpc_servers"]:  # the speed cells' placement; quality stays on the CPU
+        kw["device"] = json.dumps(dev)
     opts = BenchOptions.quick_options(**kw) if a.quick else BenchOptions(**kw)
     if opts.n_predict < 2 or opts.rounds < 1 or opts.chunks < 1:
         raise SwapMoEError("bench: need -n >= 2, --rounds >= 1 and --chunks >= 1")
@@ -208,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length the plan is for")
     pl.add_argument("-t", "--threads", type=int, default=0, help="threads (default: half the CPUs)")
     pl.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU")
+    add_device_args(pl, placement=False)
     pl.add_argument("-o", "--output", default=None, help="write the plan as JSON")
     pl.add_argument("--reprofile", action="store_true", help="measure again instead of using the cached profile")
     pl.add_argument("--floor", default=None, metavar="TARGET",
@@ -215,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "at >= 0.7x plain swapmoe's speed) or dropped:0.05 (the fastest τ routing at most 5 %% of "
                          "the full model's expert weight elsewhere)")
     pl.set_defaults(func=_cmd_plan)
+
+    r = sub.add_parser("rpc-server", help="serve this machine's ggml device to llama.cpp clients (`--rpc`), "
+                       "as llama.cpp's rpc-server; RPC has no authentication")
+    r.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    r.add_argument("-p", "--port", type=int, default=50052, help="port (default 50052)")
+    r.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: half the CPUs)")
+    r.add_argument("-d", "--device", default=None, help="devices to serve, comma-separated (default: the GPUs, "
+                   "else the CPU)")
+    r.add_argument("-c", "--cache", action="store_true",
+                   help="cache tensors sent to this server in llama.cpp's cache folder ($LLAMA_CACHE/rpc)")
+    r.set_defaults(func=_cmd_rpc_server)
 
     ch = sub.add_parser("chat", help="chat with a model under a memory budget (or one answer with -p)")
     add_model_args(ch)
@@ -247,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--ctx-size", type=int, default=256, help="tokens per chunk (one request)")
     ev.add_argument("--chunks", type=int, default=16)
     ev.add_argument("-t", "--threads", type=int, default=0)
+    ev.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the devices")
+    add_device_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
     b = sub.add_parser("bench", help="full/static/exact/swapmoe side by side: speed, memory and quality")
@@ -263,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "llama-cpp-python (default q4_k_m; '' for none)")
     b.add_argument("--floors", default=None, help="swapmoe quality floors (--max-dropped-mass) measured beside "
                    "plain swapmoe at each budget (default 0.3; '' for none)")
+    b.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="speed cells: layers on the devices")
+    add_device_args(b)
     b.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json, bench.png")
     b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
     b.add_argument("--scale", action="store_true",

@@ -183,26 +183,30 @@ def evaluate(llm: Any, chunks: list[Chunk],
 
 def run_eval(path: str, text: str | Mapping[str, str], *, policies: list[str], experts_per_layer: int | None,
              memory_budget: str | None, ctx: int = 256, chunks: int | None = 16, threads: int = 2,
-             floors: tuple[float, ...] = (), switch_every: int = SWITCH_EVERY) -> list[EvalResult]:
+             floors: tuple[float, ...] = (), switch_every: int = SWITCH_EVERY,
+             device: Mapping[str, Any] | None = None) -> list[EvalResult]:
     """`full` first (the reference), then each policy (swapmoe also with each quality floor), one model
-    at a time."""
+    at a time. `device`: SwapMoELlama's placement arguments (n_gpu_layers, rpc_servers, ...), the
+    same for every model, the reference included."""
     cells: list[tuple] = []
     for p in policies:
         if p != "full":
             cells.append((p, experts_per_layer, memory_budget))
         if p == "swapmoe":
             cells += [(p, experts_per_layer, memory_budget, tau) for tau in floors if tau < 1.0]
-    return run_eval_cells(path, text, cells, ctx=ctx, chunks=chunks, threads=threads, switch_every=switch_every)
+    return run_eval_cells(path, text, cells, ctx=ctx, chunks=chunks, threads=threads, switch_every=switch_every,
+                          device=device)
 
 
 def run_eval_cells(path: str, text: str | Mapping[str, str], cells: list[tuple], *,
                    ctx: int = 256, chunks: int | None = 16, threads: int = 2,
-                   switch_every: int = SWITCH_EVERY) -> list[EvalResult]:
+                   switch_every: int = SWITCH_EVERY, device: Mapping[str, Any] | None = None) -> list[EvalResult]:
     """`full` (the reference), then each (policy, S, memory budget[, max dropped mass]) cell on the
     same tokens: one text, or a mixed stream of several (name -> text)."""
     from ..runtime import SwapMoELlama
 
-    kw = dict(n_ctx=ctx + 8, n_batch=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1)
+    kw = dict(n_ctx=ctx + 8, n_batch=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1,
+              **(device or {}))
     full = SwapMoELlama(path, policy="full", **kw)
     try:
         texts = {"text": text} if isinstance(text, str) else dict(text)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..fileformat.info import TensorEntry
 from ..store.expert_store import StagedExpert
-from .ggml import GGMLTensor, ggml
+from .ggml import GGMLTensor, ggml, shared_lib
 from .routing import GraphNode
 
 # the gated activations llama.cpp's build_moe_ffn names, and ggml's op for each
@@ -96,7 +96,7 @@ class _Lib:
     def __init__(self) -> None:
         g = ggml()
         base = g.lib
-        cpu = ctypes.CDLL(str(g.libdir / "libggml-cpu.so"))
+        cpu = shared_lib(g.libdir, "libggml-cpu")
         p, sz, i64, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int
         sig = {
             (base, "ggml_new_tensor_2d"): (p, [p, i32, i64, i64]),

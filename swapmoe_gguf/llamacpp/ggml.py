@@ -1,6 +1,9 @@
 """ctypes bindings to the ggml/gguf functions llama-cpp-python ships but does not wrap.
 
-They live in the `libggml-base` next to llama-cpp-python's `libllama`. The `ggml_tensor`
+They live in the `libggml-base` next to llama-cpp-python's `libllama`, opened under the soname
+`libllama` links against (`shared_lib`): the wheel ships `libggml-base.so`, `.so.0` and `.so.0.25.3`
+as three files, not links, and opening another name than the one already loaded maps a second ggml
+with its own globals (a device registered in one is invisible to llama.cpp). The `ggml_tensor`
 struct is mirrored for the fields the eval callback reads (ne, nb, src); its layout is
 checked against `ggml_get_name`/`ggml_get_data` on first use, so a llama.cpp build with a
 different layout fails loudly instead of reading garbage.
@@ -47,6 +50,16 @@ class _GGMLInitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
+def shared_lib(libdir: Path, stem: str) -> ctypes.CDLL:
+    """The ggml library `stem` ("libggml-base", "libggml", "libggml-cpu", "libggml-rpc") as libllama
+    loaded it: the `.so.0` soname its DT_NEEDED names (the same file is then mapped once; glibc matches
+    by inode), `.so` or `.dylib` where no soname file exists (macOS, other packagings)."""
+    for name in (f"{stem}.so.0", f"{stem}.so", f"{stem}.dylib", f"{stem}.0.dylib"):
+        if (libdir / name).exists():
+            return ctypes.CDLL(str(libdir / name))
+    raise OSError(f"{libdir}: no {stem}.so.0, {stem}.so or {stem}.dylib (llama-cpp-python's libraries)")
+
+
 class GGML:
     """The bound library. One instance per process (see `ggml()`)."""
 
@@ -54,7 +67,7 @@ class GGML:
         import llama_cpp
 
         self.libdir = libdir = Path(llama_cpp.__file__).parent / "lib"
-        self.lib = lib = ctypes.CDLL(str(libdir / "libggml-base.so"))
+        self.lib = lib = shared_lib(libdir, "libggml-base")
         sig = {
             "gguf_init_from_file": (ctypes.c_void_p, [ctypes.c_char_p, _GGUFInitParams]),
             "gguf_free": (None, [ctypes.c_void_p]),

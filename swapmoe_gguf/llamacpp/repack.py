@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ggml import GGMLTensor, ggml
+from .ggml import GGMLTensor, ggml, shared_lib
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class BuftOverride(ctypes.Structure):
 def repack_buft() -> int | None:
     """The CPU device's CPU_REPACK buffer type, or None where this ggml build has none."""
     g = ggml()
-    lib = ctypes.CDLL(str(g.libdir / "libggml.so"))
+    lib = shared_lib(g.libdir, "libggml")
     lib.ggml_backend_dev_by_type.restype, lib.ggml_backend_dev_by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
     lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
     lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import llama_cpp
 import numpy as np
@@ -26,7 +26,7 @@ from ..fileformat.reader import read_gguf
 from ..store.expert_store import ExpertStore, StagedExpert
 from .absent import ALIAS_TENSORS, NEUTRAL_TENSORS, unlink_absent
 from .ggml import GGML_TYPE_F32, GGMLTensor, ggml
-from .repack import Repacker, RepackPlan, is_repack_tensor
+from .repack import BuftOverride, Repacker, RepackPlan, is_repack_tensor
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,11 @@ class VirtualExpertModel:
 
     def __init__(self, path: str | Path, slots: int, *, initial: dict[int, list[int]] | None = None,
                  n_gpu_layers: int = 0, staging_buffers: int = 2, info: GGUFInfo | None = None,
-                 repack: bool = True, reserved_buffers: int = 0):
+                 repack: bool = True, reserved_buffers: int = 0, tensor_split: Sequence[float] | None = None,
+                 overrides: Sequence[tuple[str, int]] = ()):
+        """`n_gpu_layers`, `tensor_split` and `overrides` ((regex, buffer type) pairs: llama.cpp's
+        `-ot`, `--cpu-moe`) place tensors as llama.cpp does; slot tensors go wherever llama.cpp puts
+        their layer's expert tensors, and swaps write them there with `ggml_backend_tensor_set`."""
         self.info = info = info if info is not None else read_gguf(path)  # reuse the caller's parse
         problem = info.run_problem()  # a GGUF that is not swap-ready still runs, read in place
         if problem:
@@ -133,7 +137,7 @@ class VirtualExpertModel:
         self._present: dict[int, dict[str, int]] = {}  # layer -> {suffix: address}: tensors the file has
         self._absent: set[int] = set()             # addresses of tensors the file lacks (not aliases)
         self._requested: set[str] = set()          # every tensor llama.cpp created
-        self._advised: set[int] = set()            # weight buffers given MADV_HUGEPAGE
+        self._advised: set[int] = set()            # weight buffers seen (host ones given MADV_HUGEPAGE)
 
         # llama.cpp prefers a fused gate+up expert tensor where the architecture has one and creates
         # it (not the separate ones) in this mode: filled per slot with the expert's gate, then up rows.
@@ -141,7 +145,9 @@ class VirtualExpertModel:
         # where each expert tensor's slice of slot s goes: name -> (tensor handle name, offset in slot, slot stride)
         self.placement: dict[str, tuple[str, int, int]] = {}
         # CPU-only models: the weights ggml-cpu repacks go to its CPU_REPACK buffer, as in stock llama.cpp
-        self.repacker = Repacker() if repack and n_gpu_layers == 0 else None
+        # (never with a device: the slots of offloaded layers live in the device's buffers, and a model
+        # with overrides puts tensors where the user says)
+        self.repacker = Repacker() if repack and n_gpu_layers == 0 and not overrides else None
         self.repacked: dict[str, tuple[int, int, int]] = {}  # handle -> (type, ne0, ne1) of one slot
         g = ggml()
         meta = g.gguf_open_meta(str(info.path))
@@ -174,8 +180,19 @@ class VirtualExpertModel:
             params = llama_cpp.llama_model_default_params()
             params.n_gpu_layers = n_gpu_layers
             self._repack_plan = self._plan_repack()
-            if self._repack_plan.overrides is not None:
-                params.tensor_buft_overrides = ctypes.cast(self._repack_plan.overrides, ctypes.c_void_p)
+            self._overrides = self._repack_plan.overrides
+            if overrides:  # NULL-terminated array; the patterns are kept alive with it
+                self._patterns = [p.encode() for p, _ in overrides]
+                self._overrides = (BuftOverride * (len(overrides) + 1))(
+                    *[BuftOverride(pat, buft) for pat, (_, buft) in zip(self._patterns, overrides)])
+            if self._overrides is not None:
+                params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
+            if tensor_split:  # llama.cpp reads llama_max_devices() floats
+                n_max = llama_cpp.llama_max_devices()
+                if len(tensor_split) > n_max:
+                    raise SwapMoEError(f"--tensor-split: at most {n_max} proportions, got {len(tensor_split)}")
+                self._split = (ctypes.c_float * n_max)(*tensor_split)
+                params.tensor_split = ctypes.cast(self._split, ctypes.POINTER(ctypes.c_float))
             self.model = llama_cpp.llama_model_init_from_user(meta, self._cb, None, params)
         finally:
             self._meta = meta  # freed in close(): the model may reference its strings
@@ -410,6 +427,20 @@ class VirtualExpertModel:
 
     def resident(self, layer: int) -> list[int]:
         return list(self.slot_map[layer])
+
+    def buffer_bytes(self) -> dict[str, int]:
+        """Bytes of the model's weight buffers (slots included) per buffer type name: "CPU",
+        "CPU_REPACK", "RPC0[127.0.0.1:50052]", "CUDA0"... (as allocated, not estimated)."""
+        g, out = ggml(), {}
+        for buf in self._advised:
+            name = g.buft_name(g.lib.ggml_backend_buffer_get_type(buf))
+            out[name] = out.get(name, 0) + int(g.lib.ggml_backend_buffer_get_size(buf))
+        return out
+
+    def slot_buffer(self, name: str) -> str:
+        """The buffer type name holding slot tensor `name` (where its swaps are written)."""
+        g = ggml()
+        return g.buft_name(g.lib.ggml_backend_buffer_get_type(GGMLTensor.from_address(self.handles[name]).buffer))
 
     @property
     def slot_bytes(self) -> int:

@@ -91,7 +91,13 @@ class DeviceProfile:
 
 def profile_path(info: GGUFInfo, threads: int, n_gpu_layers: int) -> Path:
     key = hashlib.sha256(f"{info.path.resolve()}|{model_fingerprint(info.path)}|{machine_id()}".encode()).hexdigest()[:20]
-    return cache_dir() / "profiles" / f"{key}-t{threads}-ngl{n_gpu_layers}.json"
+    where = ""
+    if n_gpu_layers:  # offloaded: measured on these devices (an RPC server's endpoint names it)
+        from ..llamacpp.devices import offload_devices
+
+        names = "|".join(f"{d.name}={d.description}" for d in offload_devices())
+        where = "-" + hashlib.sha256(names.encode()).hexdigest()[:8] if names else ""
+    return cache_dir() / "profiles" / f"{key}-t{threads}-ngl{n_gpu_layers}{where}.json"
 
 
 def time_swaps(vm, layers: int | None = None, experts: int | None = None) -> tuple[list[float], list[float], int]:  # type: ignore[no-untyped-def]

@@ -24,6 +24,10 @@ class TelemetrySnapshot:
     peak_rss_bytes: int
     budget_bytes: int | None
     decode_swaps: int = 0     # swaps committed in one-token steps
+    # weight buffers (expert slots included) llama.cpp allocated on each non-host buffer type, as
+    # allocated ("RPC0[127.0.0.1:50052]", "CUDA0"); KV and compute buffers are not in it
+    device_bytes: dict[str, int] | None = None
+    vram_budget_bytes: int | None = None
     # the scheduler's own work in one-token steps: router inputs read (in C or Python), routing, Eq. 1,
     # hit counting, swap decisions and commits; summed seconds (per token: / decode_tokens)
     decode_sched_seconds: float = 0.0

@@ -42,6 +42,7 @@ from ..residency.scheduler import ImportanceScheduler, SchedulerConfig
 from ..residency.telemetry import RssProbe, Telemetry, TelemetrySnapshot
 from ..store.expert_store import ExpertReadError, StagedExpert
 from .hooks import HookedContext, construct_with
+from .placement import Placement
 from .process import release_memory, single_threaded_blas
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class SwapMoELlama(Llama):
                  swa_full: bool = False,
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  logits_all: bool = False, flash_attn: bool = True, repack: bool = True, verbose: bool = False,
+                 rpc_servers: str | list[str] | None = None, tensor_split: str | list[float] | None = None,
+                 vram_budget: str | Budget | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
+                 override_tensor: list[str] | tuple[str, ...] = (),
                  **kwargs: Any):
         # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
         # the model is built before Llama.__init__ would set it.
@@ -114,6 +118,12 @@ class SwapMoELlama(Llama):
                      "and scratch: running %d", planned_s, fit)
             self.memory = plan_slots(mem, budget, fit)
         self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
+        # devices (placement.py): RPC servers registered, -ot/--cpu-moe overrides, S within --vram-budget
+        self.placement = Placement.prepare(info, self.memory, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers,
+                                           tensor_split=tensor_split, vram_budget=vram_budget, cpu_moe=cpu_moe,
+                                           n_cpu_moe=n_cpu_moe, override_tensor=override_tensor,
+                                           experts_per_layer=experts_per_layer)
+        self.memory = self.placement.memory
         self.requested_policy = policy  # what a budget change returns to when not everything fits
         if self.memory.slots == n_expert and policy != "full":
             log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
@@ -129,7 +139,13 @@ class SwapMoELlama(Llama):
         self.repack = repack
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts, repack=repack,
                                          n_gpu_layers=n_gpu_layers, staging_buffers=staging_buffers, info=info,
-                                         reserved_buffers=reserved)
+                                         reserved_buffers=reserved, tensor_split=self.placement.tensor_split,
+                                         overrides=self.placement.overrides)
+        try:
+            self.placement.check_built(self.vmodel)
+        except BaseException:
+            self.close()  # the model and the RSS probe (Llama.__init__ has not run)
+            raise
         self.policy = self._make_policy(policy, scheduler)
         self._stop = threading.Event()
         self.commit_rate = (scheduler or SchedulerConfig()).commit_rate
@@ -449,7 +465,8 @@ class SwapMoELlama(Llama):
         vm.close()
         release_memory()
         self.vmodel = VirtualExpertModel(path, new.slots, initial=initial, n_gpu_layers=ngl, staging_buffers=staging,
-                                         repack=self.repack, reserved_buffers=vm.store.reserved)
+                                         repack=self.repack, reserved_buffers=vm.store.reserved,
+                                         tensor_split=self.placement.tensor_split, overrides=self.placement.overrides)
         self._model.model = self.vmodel.model
         self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)
         if (self.requested_policy == "exact" or self.max_dropped_mass < 1.0) and not self.expert_ffn:
@@ -496,7 +513,9 @@ class SwapMoELlama(Llama):
             decode_seconds=t.decode_seconds, prefill_tokens=t.prefill_tokens, prefill_seconds=t.prefill_seconds,
             hit_rate=1.0 if self.vmodel.slots == self.vmodel.n_expert else t.hit_rate,
             rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes,
-            decode_swaps=t.decode_swaps, decode_sched_seconds=t.decode_sched_seconds)
+            decode_swaps=t.decode_swaps, decode_sched_seconds=t.decode_sched_seconds,
+            device_bytes=self.placement.device_bytes(self.vmodel),
+            vram_budget_bytes=self.placement.device.limit if self.placement.device else None)
 
     def close(self) -> None:
         # Queued reads are cancelled; finished ones give their buffers back; the one running (if any)

@@ -34,6 +34,18 @@ class ModelSettings:
     seed: int = -1
     no_repack: bool = False             # llama.cpp's --no-repack: keep CPU weights in their file layout
     verbose: bool = False
+    # devices (llama.cpp's names): RPC servers, layer split between devices, device budget, placement
+    rpc: str | None = None              # --rpc HOST:PORT[,HOST:PORT...]
+    tensor_split: str | None = None     # --tensor-split 3,1
+    vram_budget: str | None = None      # --vram-budget SIZE|% (of the devices' total memory)
+    cpu_moe: bool = False               # --cpu-moe: every layer's experts in host memory
+    n_cpu_moe: int = 0                  # --n-cpu-moe N: the first N layers' experts in host memory
+    override_tensor: tuple[str, ...] = ()  # -ot PATTERN=BUFT[,...] (repeatable)
+
+    def device_kwargs(self) -> dict[str, Any]:
+        """SwapMoELlama's placement arguments."""
+        return dict(rpc_servers=self.rpc, tensor_split=self.tensor_split, vram_budget=self.vram_budget,
+                    cpu_moe=self.cpu_moe, n_cpu_moe=self.n_cpu_moe, override_tensor=tuple(self.override_tensor))
 
     def load(self, n_seq_max: int = 1, kv_unified: bool = False, swa_full: bool = False) -> "SwapMoELlama":
         from ..converters.default_model import default_model
@@ -48,7 +60,7 @@ class ModelSettings:
                             n_seq_max=n_seq_max, kv_unified=kv_unified, swa_full=swa_full,
                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,
                             seed=self.seed if self.seed >= 0 else 0xFFFFFFFF, repack=not self.no_repack,
-                            verbose=self.verbose)
+                            verbose=self.verbose, **self.device_kwargs())
 
 
 DEFAULT_CTX = 4096
@@ -145,6 +157,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1: random)")
     g.add_argument("-nr", "--no-repack", action="store_true",
                    help="no CPU weight repacking (Q4_0/Q4_K/IQ4_NL... stay in the file's layout)")
+    add_device_args(p)
+
+
+def add_device_args(p: argparse.ArgumentParser, placement: bool = True) -> None:
+    """llama.cpp's device flags: --rpc, --tensor-split and (with `placement`) the device budget and
+    where experts go (--vram-budget, --cpu-moe, --n-cpu-moe, -ot)."""
+    g = p.add_argument_group("devices (llama.cpp flags)")
+    g.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                   help="offload to these RPC servers (`swapmoe rpc-server` or llama.cpp's rpc-server) with -ngl; "
+                        "RPC has no authentication: only on networks you trust")
+    g.add_argument("-ts", "--tensor-split", default=None, metavar="N0,N1,...",
+                   help="proportion of the offloaded layers on each device, e.g. 3,1 (default: by free memory)")
+    if not placement:
+        return
+    g.add_argument("--vram-budget", default=None, metavar="SIZE|%",
+                   help="device memory the model may use (weights, expert slots, KV cache, compute buffers): "
+                        "4GiB, 3000MiB, or %% of the devices' total memory; S is lowered to fit")
+    g.add_argument("-cmoe", "--cpu-moe", action="store_true", help="keep every layer's expert weights in host memory")
+    g.add_argument("-ncmoe", "--n-cpu-moe", type=int, default=0, metavar="N",
+                   help="keep the expert weights of the first N layers in host memory")
+    g.add_argument("-ot", "--override-tensor", dest="override_tensor", action="append", default=[],
+                   metavar="PATTERN=BUFT", help="put tensors matching the regex in this buffer type (e.g. exps=CPU)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -165,8 +199,14 @@ def _pick(cls: type, ns: argparse.Namespace) -> Any:
 
 def model_settings(ns: argparse.Namespace) -> ModelSettings:
     s = _pick(ModelSettings, ns)
+    s.override_tensor = tuple(s.override_tensor or ())
     s.verbose = bool(getattr(ns, "verbose", 0) and ns.verbose >= 1)  # -v: llama.cpp's own log lines too, through logging
     return s
+
+
+def device_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
+    """SwapMoELlama's placement arguments (with n_gpu_layers) from a parser with `add_device_args`."""
+    return {"n_gpu_layers": ns.n_gpu_layers, **model_settings(ns).device_kwargs()}
 
 
 def sampling_settings(ns: argparse.Namespace) -> SamplingSettings:
