@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     """Two domains: the Shakespeare head and this package's own Python source."""
     tmp = tmp_path_factory.mktemp("train")
     code = tmp / "python.txt"
-    code.write_text("\n\n".join(p.read_text() for p in sorted((REPO / "swapmoe_gguf").glob("*.py"))))
+    code.write_text("\n\n".join(p.read_text() for p in sorted((REPO / "swapmoe_gguf").rglob("*.py"))))
     out = tmp / "ckpt"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "train_default_moe.py"), "--tiny", "--text", str(TEXT),
                         "--text", str(code), "--out", str(out), "--max-steps", "30"],

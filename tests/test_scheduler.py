@@ -101,3 +101,72 @@ def test_calibrated_prior_keeps_the_core_through_a_burst_and_yields_to_a_shift()
         ImportanceScheduler([0], N, K, np.ones((1, N))).set_prior(np.ones((2, N)))
     with pytest.raises(ValueError):
         SchedulerConfig(prior_weight=-1)
+
+
+def _propose_layer_by_layer(sched: ImportanceScheduler, resident: dict[int, list[int]],
+                            busy: set[tuple[int, int]]) -> list:
+    """The scheduler's proposals as they were computed before they were vectorised: layer by layer,
+    weakest free resident against strongest outsider, stable orders, stop at the first miss."""
+    from swapmoe_gguf.residency.scheduler import Swap
+
+    out, q = [], sched.config.quota
+    for layer, slots in resident.items():
+        s = sched.effective(layer)
+        free = sorted((i for i in range(len(slots)) if (layer, i) not in busy), key=lambda i: s[slots[i]])
+        cand = sorted((e for e in range(sched.n_expert) if e not in set(slots)), key=lambda e: -s[e])
+        for slot, e in zip(free[:q], cand[:q]):
+            old = slots[slot]
+            if s[e] <= 0 or s[e] < sched.config.margin * s[old]:
+                break
+            out.append(Swap(layer, slot, e, old, float(s[e] / max(s[old], 1e-30))))
+    return out
+
+
+def test_proposals_equal_the_layer_by_layer_rule():
+    """Random scores with ties (rounded) and zeros, busy slots, quotas 1-3: the vectorised proposals
+    are exactly the layer-by-layer ones, in the same order."""
+    rng = np.random.default_rng(1)
+    n_swaps = 0
+    for _ in range(300):
+        n_layer, n_expert = int(rng.integers(1, 6)), int(rng.integers(4, 12))
+        slots = int(rng.integers(1, n_expert))
+        layers = sorted(rng.choice(20, n_layer, replace=False).tolist())
+        sched = ImportanceScheduler(layers, n_expert, 2, rng.random((n_layer, n_expert)),
+                                    SchedulerConfig(quota=int(rng.integers(1, 4))))
+        sched.scores = np.round(rng.random((n_layer, n_expert)) * 3, 1) * (rng.random((n_layer, n_expert)) > 0.3)
+        resident = {l: rng.choice(n_expert, slots, replace=False).tolist() for l in layers}
+        busy = {(l, int(rng.integers(slots))) for l in layers if rng.random() < 0.3}
+        want = _propose_layer_by_layer(sched, resident, busy)
+        assert sched.propose(resident, busy) == want
+        n_swaps += len(want)
+    assert n_swaps > 100  # the comparison covered real proposals
+
+
+def _observe_one_layer(sched: ImportanceScheduler, layer: int, x_norm: np.ndarray, selected: np.ndarray,
+                       weights: np.ndarray) -> None:
+    """Eq. 1 for one layer's tokens, as the scheduler added it before layers were grouped."""
+    n_tok = selected.shape[0]
+    gate = np.abs(weights) * x_norm[:, None]
+    w = sched.config.decay ** np.arange(n_tok - 1, -1, -1, dtype=np.float64)
+    contrib = np.zeros(sched.n_expert)
+    np.add.at(contrib, selected.ravel(), (gate * w[:, None]).ravel())
+    i = sched.index[layer]
+    sched.scores[i] = sched.scores[i] * sched.config.decay ** n_tok + contrib * sched.norms[i]
+
+
+def test_layers_observed_together_equal_one_by_one():
+    """observe_layers (a step's or F steps' layers in one numpy pass) adds bitwise the same scores as
+    Eq. 1 added layer by layer."""
+    rng = np.random.default_rng(2)
+    layers = [1, 3, 4, 7]
+    norms = rng.random((4, N)).astype(np.float32)
+    a = ImportanceScheduler(layers, N, K, norms)
+    b = ImportanceScheduler(layers, N, K, norms)
+    for n_tok in (1, 5, 8):
+        x_norm = rng.random((4, n_tok)).astype(np.float32)
+        sel = np.stack([np.stack([rng.choice(N, K, replace=False) for _ in range(n_tok)]) for _ in layers])
+        w = rng.random((4, n_tok, K)).astype(np.float32)
+        a.observe_layers(tuple(layers), x_norm, sel, w)
+        for i, l in enumerate(layers):
+            _observe_one_layer(b, l, x_norm[i], sel[i], w[i])
+    assert np.array_equal(a.scores, b.scores) and a.scores.max() > 0

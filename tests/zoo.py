@@ -493,8 +493,9 @@ def probe(mode: str, gguf: Path, out: Path, n_batch: int = 512, timeout: float =
                 "output": text}
     with np.load(out, allow_pickle=False) as z:
         logits = [z[f"p{i}"] for i in range(len(PROMPTS))]
+        scores = [z[f"s{i}"] for i in range(len(PROMPTS)) if f"s{i}" in z.files]
         info = json.loads(str(z["info"]))
-    return {"ok": True, "error": "", "logits": logits, "info": info, "output": text}
+    return {"ok": True, "error": "", "logits": logits, "scores": scores, "info": info, "output": text}
 
 
 def _probe_main(mode: str, gguf: str, out: str, n_batch: int) -> None:
@@ -531,20 +532,61 @@ def _probe_main(mode: str, gguf: str, out: str, n_batch: int) -> None:
     os.replace(tmp, out)
 
 
+DECODE_STEPS = 24
+
+
+def _decode_main(mode: str, gguf: str, out: str) -> None:
+    """`swapmoe` over PROMPTS, each followed by DECODE_STEPS teacher-forced decode steps; mode
+    decode-c reads router inputs in C (the default), decode-py in Python (the tap's reference path).
+    Finished reads are committed before every step, so swaps do not depend on I/O timing. Saves the
+    last logits of every step, the swap sequence and the scheduler's scores after each prompt."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from swapmoe_gguf.runtime import SwapMoELlama
+
+    llm = SwapMoELlama(gguf, policy="swapmoe", experts_per_layer=EXPERTS_PER_LAYER, **RUN_KW)
+    if mode == "decode-py":
+        llm.tap.capture_tokens = 0
+    swaps: list[tuple[int, int, int]] = []
+    request, before = llm.request_swap, llm._before_decode
+    llm.request_swap = lambda l, s, e: (swaps.append((l, s, e)), request(l, s, e))[1]  # type: ignore[method-assign]
+    llm._before_decode = lambda: (llm.apply_pending(wait=True), before())[1]  # type: ignore[method-assign]
+    arrays = {}
+    for i, toks in enumerate(PROMPTS):
+        llm.reset()
+        llm.eval(toks[:4])
+        steps = []
+        for tok in (toks * 4)[4:4 + DECODE_STEPS]:
+            llm.eval([tok])
+            steps.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
+        llm.score_pending()
+        t = llm.telemetry()
+        arrays[f"p{i}"] = np.stack(steps)
+        arrays[f"s{i}"] = llm.policy.scheduler.scores.copy()
+    info = {"hit_rate": t.hit_rate, "captured": llm.tap.captured_steps, "swaps": swaps}
+    llm.close()
+    tmp = out + ".tmp.npz"
+    np.savez(tmp, info=json.dumps(info), **arrays)
+    os.replace(tmp, out)
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("probe")
-    p.add_argument("mode", choices=["stock", "full", "exact", "swapmoe", "static"])
+    p.add_argument("mode", choices=["stock", "full", "exact", "swapmoe", "static", "decode-c", "decode-py"])
     p.add_argument("gguf")
     p.add_argument("out")
     p.add_argument("--n-batch", type=int, default=512)
     b = sub.add_parser("build")
     b.add_argument("names", nargs="*")
     a = ap.parse_args()
-    if a.cmd == "probe":
+    if a.cmd == "probe" and a.mode.startswith("decode"):
+        _decode_main(a.mode, a.gguf, a.out)
+    elif a.cmd == "probe":
         _probe_main(a.mode, a.gguf, a.out, a.n_batch)
     else:
         for n in a.names or RECIPES:

@@ -30,10 +30,18 @@ def _plain_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("max_dropped_mass", 1.0) >= 1.0]
 
 
+def _sched(r: dict) -> str:
+    if r.get("sched_us") is None:
+        return "-"
+    share = r.get("sched_share")
+    return f"{r['sched_us']:.0f}" + (f" ({100 * share:.1f} %)" if share is not None else "")
+
+
 def speed_table(rows: list[dict]) -> str:
     out = ["| policy | budget | S | decode tok/s | prefill tok/s | long prefill tok/s | TTFT ms | p50 ms | p99 ms | "
-           "peak RSS | budget bytes | disk read / token | hit rate | swaps / token | bound ms / token | x bound |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "peak RSS | budget bytes | disk read / token | hit rate | swaps / token | scheduler us / token (share) | "
+           "bound ms / token | x bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = "-" if r["experts_per_layer"] is None else f"{r['experts_per_layer']}/{r['n_expert']}"
         ok = "" if r["within_budget"] is None else (" ok" if r["within_budget"] else " **over**")
@@ -42,7 +50,7 @@ def speed_table(rows: list[dict]) -> str:
                    f"{fmt(r['peak_rss']) if r['peak_rss'] else '-'}{ok if r['policy'] != 'plain' else ''} | "
                    f"{fmt(r['budget_bytes']) if r['budget_bytes'] else '-'} | "
                    f"{fmt(r['disk_bytes_per_token']) if r['disk_bytes_per_token'] is not None else '-'} | "
-                   f"{_f(r['hit_rate'], '.3f')} | {_f(r['swaps_per_token'], '.2f')} | "
+                   f"{_f(r['hit_rate'], '.3f')} | {_f(r['swaps_per_token'], '.2f')} | {_sched(r)} | "
                    f"{_f(r.get('bound_ms'), '.2f')} | {_f(r.get('x_bound'), '.2f')} |"
                    + (f" errors: {'; '.join(r['errors'])}" if r["errors"] else ""))
     return "\n".join(out)

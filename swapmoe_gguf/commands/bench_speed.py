@@ -64,6 +64,7 @@ class SpeedResult:
     disk_bytes_per_token: list[float] = field(default_factory=list)
     hit_rate: list[float] = field(default_factory=list)
     swaps_per_token: list[float] = field(default_factory=list)
+    sched_us: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -79,7 +80,10 @@ class SpeedResult:
                 "p99_ms": pct(99), "peak_rss": peak, "budget_bytes": self.budget_bytes,
                 "within_budget": None if peak is None or self.budget_bytes is None else peak <= self.budget_bytes,
                 "disk_bytes_per_token": med(self.disk_bytes_per_token), "hit_rate": med(self.hit_rate),
-                "swaps_per_token": med(self.swaps_per_token), "rounds": len(self.decode_tok_s),
+                "swaps_per_token": med(self.swaps_per_token), "sched_us": med(self.sched_us),
+                "sched_share": (round(statistics.median(self.sched_us) / 1e3 / statistics.median(self.step_ms), 4)
+                                if self.sched_us and self.step_ms else None),
+                "rounds": len(self.decode_tok_s),
                 "errors": self.errors}
 
 
@@ -180,7 +184,10 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
         llm.eval(prompt)
         ttft = time.perf_counter() - t0  # the first token's logits are ready
         io0 = _disk_read_bytes()
-        before = (llm.telemetry_.swaps, llm.telemetry_.hit_mass, llm.telemetry_.hit_count) if ours else None
+        if ours:
+            llm.score_pending()  # the counters below start here
+        before = (llm.telemetry_.swaps, llm.telemetry_.hit_mass, llm.telemetry_.hit_count,
+                  llm.telemetry_.decode_sched_seconds) if ours else None
         steps: list[float] = []
         for tok in follow[:-1]:
             t1 = time.perf_counter()
@@ -203,12 +210,15 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
             "disk_bytes_per_token": None if io0 is None or io1 is None else (io1 - io0) / len(steps),
             "budget_bytes": full_bytes, "n_expert": info.n_expert, "experts_per_layer": info.n_expert}
         if ours:
+            llm.score_pending()
             t = llm.telemetry_
             hits = t.hit_count - before[2]
             out |= {"budget_bytes": llm.budget_bytes or full_bytes, "experts_per_layer": llm.vmodel.slots,
                     "repacked_tensors": len(llm.vmodel.repacked),
                     "hit_rate": (t.hit_mass - before[1]) / hits if hits else (1.0 if cell.policy == "full" else None),
-                    "swaps_per_token": (t.swaps - before[0]) / len(steps)}
+                    "swaps_per_token": (t.swaps - before[0]) / len(steps),
+                    # the scheduler's own time per decode step (hooks around it, router inputs copied in C)
+                    "sched_us": 1e6 * (t.decode_sched_seconds - before[3]) / len(steps)}
         return out
     finally:
         llm.close()
@@ -268,7 +278,7 @@ def run_speed(cells: list[SpeedCell], rounds: int, timeout: float = 900) -> list
             res.experts_per_layer, res.n_expert = out["experts_per_layer"], out["n_expert"]
             res.budget_bytes, res.repacked_tensors = out["budget_bytes"], out.get("repacked_tensors")
             for k in ("decode_tok_s", "prefill_tok_s", "prefill_long_tok_s", "prefill_read_bytes", "ttft_ms",
-                      "peak_rss", "disk_bytes_per_token", "hit_rate", "swaps_per_token"):
+                      "peak_rss", "disk_bytes_per_token", "hit_rate", "swaps_per_token", "sched_us"):
                 if out.get(k) is not None:
                     getattr(res, k).append(out[k])
             res.step_ms.extend(out["step_ms"])

@@ -96,6 +96,7 @@ def run_demo(directory: str | None, force: bool = False, memory_budget: str | No
                 if policy != "full":
                     agree[f"{policy}/{domain}"] = _agreement(llm, toks, texts[f"full/{domain}"])
                 sets.append(sorted(llm.vmodel.slot_map[first_layer]))
+            llm.score_pending()
             t = llm.telemetry()
             stats.append((policy, t, sets, first_layer, mem))
         finally:

@@ -157,8 +157,11 @@ def evaluate(llm: Any, chunks: list[Chunk],
              reference: list[np.ndarray] | None = None) -> tuple[EvalResult, list[np.ndarray]]:
     """Score `chunks` with `llm`; against `reference` log-probabilities when given. Returns the
     result and this model's log-probabilities (the reference for others)."""
+    pending = getattr(llm, "score_pending", lambda: None)  # (plain llama-cpp-python: nothing to score)
+    pending()
     before = llm.telemetry()
     nlls, logps = score(llm, chunks)
+    pending()
     after = llm.telemetry()
     kls, agrees = _compare(reference, logps) if reference is not None else (None, None)
 

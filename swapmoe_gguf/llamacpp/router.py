@@ -241,6 +241,7 @@ class RouterTap:
             self._cap = _Capture(self._filter, router.layers, n_embd, capture_tokens * max(1, capture_steps))
         self._capturing = False
         self.capture_seconds = 0.0  # spent copying router inputs in C, summed
+        self.captured_steps = 0  # decode calls whose router inputs were copied in C, summed
 
     # probing llama.cpp's routing graph ---------------------------------------------------------
     def start_probe(self) -> None:
@@ -355,6 +356,7 @@ class RouterTap:
         self._capturing = self.will_capture(n_tokens)
         self._filter.capture = int(self._capturing)  # type: ignore[union-attr]
         if self._capturing:
+            self.captured_steps += 1
             cap.steps += 1
             cap.filled += n_tokens
             cap.single &= n_tokens == 1

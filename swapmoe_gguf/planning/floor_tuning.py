@@ -73,6 +73,7 @@ def measure(model: str, slots: int, runtime: Callable[..., Any], *, threads: int
                 checked = floor.checked - d0[3]
                 acted = (floor.acted - d0[2]) / checked if checked else 0.0
             else:  # no floor: everything outside the residents is dropped
+                llm.score_pending()
                 t = llm.telemetry_
                 hits = t.hit_count - h0[1]
                 dropped = 1.0 - (t.hit_mass - h0[0]) / hits if hits else 0.0

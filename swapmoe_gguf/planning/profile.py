@@ -24,7 +24,8 @@ from ..fileformat.info import GGUFInfo
 from ..residency.protocols import Runtime, RuntimeFactory
 
 log = logging.getLogger(__name__)
-PROFILE_VERSION = 7  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all)
+PROFILE_VERSION = 8  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all;
+                     # 8: decode steps scored in C, gathered and routed every few steps)
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:

@@ -48,7 +48,7 @@ POLICIES = ("swapmoe", "static", "exact", "full")
 def observe(scheduler: ImportanceScheduler, batch: RouterBatch) -> None:
     """Add a decode call's routing to the scheduler's scores, a group of layers at a time."""
     for g in batch.groups:
-        shape = (len(g.layers), g.n_tokens, -1)
+        shape = (len(g.layers), g.n_tokens, g.routed.selected.shape[-1])  # (a layer may compute no token)
         scheduler.observe_layers(g.layers, g.x_norm, g.routed.selected.reshape(shape), g.routed.weights.reshape(shape))
 
 
@@ -369,29 +369,51 @@ class _Collector(FixedPolicy):
 
 
 CALIB_CHUNK = 256  # tokens per calibration window: fixed, so the result does not depend on n_ctx or slots
+# Calibration stops after the window that crosses this many seconds: the whole text (~10k tokens) takes
+# under a second on a small model, but 16 minutes on a 48-layer 29 GiB one on 2 cores (where a few
+# hundred tokens already rank the experts every domain needs)
+CALIB_SECONDS = 20.0
 
 
 def calib_chunk(rt: Runtime) -> int:
     return max(1, min(CALIB_CHUNK, rt.n_ctx_seq(), len(rt.input_ids)) - 1)
 
 
-def calibrate(rt: Runtime, tokens: list[int]) -> np.ndarray:
+def calibrate(rt: Runtime, tokens: list[int], seconds: float = CALIB_SECONDS) -> np.ndarray:
     """Importance per token over a calibration text (Eq. 1, no decay), read in windows of CALIB_CHUNK
-    tokens. [n_moe_layer, n_expert]"""
+    tokens, until the text ends or `seconds` have passed (at a window's end). A progress bar on a
+    terminal when it will take a while. [n_moe_layer, n_expert]"""
+    import sys
+
+    from tqdm import tqdm
+
     vm = rt.vmodel
     sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
                                 SchedulerConfig(decay=1.0 - 1e-9, interval=1 << 30, quota=0))
     saved, enabled = rt.policy, rt.tap.enabled
     rt.policy, rt.tap.enabled = _Collector(sched), True
+    chunk, used, t0 = calib_chunk(rt), 0, time.perf_counter()
+    bar = None
     try:
-        chunk = calib_chunk(rt)
         for i in range(0, len(tokens), chunk):
             rt.reset()
             rt.eval(tokens[i:i + chunk])
+            used += len(tokens[i:i + chunk])
+            spent = time.perf_counter() - t0
+            if bar is None and i == 0 and spent * len(tokens) / used > 3.0:  # long work: show it
+                bar = tqdm(total=min(len(tokens), int(used * seconds / spent) + chunk), initial=used, unit="tok",
+                           desc="calibrating", disable=not sys.stderr.isatty(), leave=False)
+            elif bar is not None:
+                bar.update(len(tokens[i:i + chunk]))
+            if spent >= seconds and used < len(tokens):
+                log.info("calibrated on %d of %d tokens (%.0f s budget)", used, len(tokens), seconds)
+                break
     finally:
+        if bar is not None:
+            bar.close()
         rt.policy, rt.tap.enabled = saved, enabled
         rt.reset()
-    return sched.scores / max(1, len(tokens))
+    return sched.scores / max(1, used)
 
 
 def ranking(rates: np.ndarray, layers: list[int]) -> dict[int, list[int]]:

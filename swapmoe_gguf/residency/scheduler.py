@@ -143,18 +143,21 @@ class ImportanceScheduler:
         j = min(q, n_slot, self.n_expert - n_slot)
         if not layers or j <= 0:
             return []
-        rows = np.array([self.index[l] for l in layers])
+        rows = self._rows.get(tuple(layers))
+        if rows is None:
+            rows = self._rows[tuple(layers)] = np.array([self.index[l] for l in layers])
+        at = np.arange(len(layers))[:, None]                                            # [L, 1]
         s = self.scores[rows] + self.prior[rows]                                        # [L, n_expert]
-        res_s = np.take_along_axis(s, slots, axis=1)                                    # [L, S]
+        res_s = s[at, slots]                                                            # [L, S]
         for layer, slot in busy:
             if layer in resident:
                 res_s[layers.index(layer), slot] = np.inf  # never evicted: sorts last, beats no one
         # weakest resident first, strongest outsider first (stable: ties by slot, by expert id)
         free = np.argsort(res_s, axis=1, kind="stable")[:, :j]                          # [L, j] slots
         key = -s
-        np.put_along_axis(key, slots, np.inf, axis=1)                                   # residents last
+        key[at, slots] = np.inf                                                         # residents last
         cand = np.argsort(key, axis=1, kind="stable")[:, :j]                            # [L, j] experts
-        new_s, old_s = np.take_along_axis(s, cand, axis=1), np.take_along_axis(res_s, free, axis=1)
+        new_s, old_s = s[at, cand], res_s[at, free]
         # a layer stops at its first pair that fails (zero score, or not `margin` better)
         ok = np.logical_and.accumulate((new_s > 0) & (new_s >= self.config.margin * old_s), axis=1)
         out = [Swap(layers[i], int(free[i, k]), int(cand[i, k]), int(slots[i, free[i, k]]),

@@ -35,8 +35,8 @@ from ..llamacpp.vmodel import VirtualExpertModel
 from ..planning import calib_cache
 from ..planning.planner import Plan
 from ..residency.budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
-from ..residency.policies import (POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy, calib_chunk,
-                                  calibrate, ranking)
+from ..residency.policies import (CALIB_SECONDS, POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy,
+                                  calib_chunk, calibrate, ranking)
 from ..residency.protocols import ResidencyPolicy
 from ..residency.scheduler import ImportanceScheduler, SchedulerConfig
 from ..residency.telemetry import RssProbe, Telemetry, TelemetrySnapshot
@@ -272,7 +272,8 @@ class SwapMoELlama(Llama):
         rates = calib_cache.load(vm.info, text, vm.slots, chunk)
         if rates is None:
             toks = self.tokenize(text.encode(), add_bos=True)
-            log.info("calibrating on %d tokens (once per model, text and S: cached)", len(toks))
+            log.info("calibrating on up to %d tokens, at most ~%.0f s (once per model, text and S: cached)",
+                     len(toks), CALIB_SECONDS)
             rates = calibrate(self, toks)
             calib_cache.save(vm.info, text, vm.slots, chunk, rates)
         self.calib_rates = rates
@@ -502,9 +503,14 @@ class SwapMoELlama(Llama):
         return sorted(range(vm.n_expert), key=lambda e: (-score[e], e not in resident, -norms[e]))
 
     # reporting -----------------------------------------------------------------------------
-    def telemetry(self) -> TelemetrySnapshot:
-        """Counters so far; decode steps not scored yet are scored first (their hits count)."""
+    def score_pending(self) -> None:
+        """Score the decode steps the router tap has gathered but not yet scored (at most one update
+        interval: the scheduler acts every F steps), so that `telemetry()`'s hit rate counts them.
+        On the decoding thread only (`telemetry()` may be read from any thread, so it does not)."""
         self._flush_tap()
+
+    def telemetry(self) -> TelemetrySnapshot:
+        """Counters so far (the hit rate lags by the decode steps not yet scored: `score_pending`)."""
         st, t = self.vmodel.store.stats, self.telemetry_
         return TelemetrySnapshot(
             resident={l: tuple(v) for l, v in self.vmodel.slot_map.items()}, slots=self.vmodel.slots,

@@ -62,6 +62,8 @@ def stream(llm: Any, *, messages: list[dict[str, str]] | None = None, prompt: st
         if text:
             first = first or time.perf_counter()
             yield _record(llm, start, text, None, t0, first)
+    if hasattr(llm, "score_pending"):  # the final figures count every decode step
+        llm.score_pending()
     last = _record(llm, start, "", finish or "stop", t0, first or time.perf_counter())
     if cap is not None and cap.hit:  # the cap stops after the n-th token was decoded: n generated, not n + 1
         last = replace(last, finish_reason="length", n_generated=cap.n)
