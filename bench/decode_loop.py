@@ -6,7 +6,7 @@ policy in a fresh process per round, rounds interleaved. Prints tok/s per policy
 swapmoe/static, and the scheduler's own time per token (telemetry: the hooks around each decode
 and the router inputs copied in C).
 
-    python bench/decode_loop.py [-m MODEL] [--experts 16] [--rounds 5] [-n 64] [-t 1]
+    python bench/decode_loop.py [-m MODEL] [--experts 16] [--rounds 5] [-n 64] [-t 1] [--rpc HOST:PORT -ngl 99]
 """
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ PROMPTS = ("ROMEO.\nBut soft, what light through yonder window breaks?\n",
            "class Cache:\n    def __init__(self, size):\n")
 
 
-def cell(model: str, policy: str, experts: int, n: int, threads: int) -> dict:
+def cell(model: str, policy: str, experts: int, n: int, threads: int, rpc: str | None = None, ngl: int = 0) -> dict:
     import numpy as np
 
     from swapmoe_gguf.commands.evaluate import last_logits
     from swapmoe_gguf.runtime import SwapMoELlama
 
-    kw = {} if policy == "full" else {"experts_per_layer": experts}
+    kw: dict = {} if policy == "full" else {"experts_per_layer": experts}
+    if rpc:
+        kw |= {"rpc_servers": rpc, "n_gpu_layers": ngl}
     llm = SwapMoELlama(model, policy=policy, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False,
                        **kw)
     try:
@@ -43,7 +45,8 @@ def cell(model: str, policy: str, experts: int, n: int, threads: int) -> dict:
             secs += time.perf_counter() - t0
             toks += n
         t = llm.telemetry()
-        return {"tok_s": toks / secs, "sched_us": 1e6 * t.decode_sched_seconds / max(1, t.decode_tokens),
+        sched = getattr(t, "decode_sched_seconds", float("nan"))  # (an older runtime under PYTHONPATH: not counted)
+        return {"tok_s": toks / secs, "sched_us": 1e6 * sched / max(1, t.decode_tokens),
                 "step_us": 1e6 * secs / toks, "swaps": t.swaps, "hit_rate": t.hit_rate}
     finally:
         llm.close()
@@ -57,10 +60,12 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=64, help="tokens per prompt")
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("--policies", default="full,static,swapmoe")
+    ap.add_argument("--rpc", default=None, help="an rpc-server (`swapmoe rpc-server`) to put the layers on")
+    ap.add_argument("-ngl", type=int, default=99)
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.cell:
-        print(json.dumps(cell(a.model, a.cell, a.experts, a.n, a.threads)))
+        print(json.dumps(cell(a.model, a.cell, a.experts, a.n, a.threads, a.rpc, a.ngl)))
         return 0
     if a.model is None:
         from swapmoe_gguf.converters.default_model import default_model
@@ -70,9 +75,12 @@ def main() -> int:
     for r in range(a.rounds):
         for p in res:
             out = subprocess.run([sys.executable, __file__, "-m", a.model, "--cell", p, "--experts", str(a.experts),
-                                  "-n", str(a.n), "-t", str(a.threads)], capture_output=True, text=True, check=True)
+                                  "-n", str(a.n), "-t", str(a.threads), "-ngl", str(a.ngl)]
+                                 + (["--rpc", a.rpc] if a.rpc else []), capture_output=True, text=True, check=True)
             res[p].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{a.model}: S={a.experts}, {a.rounds} rounds, {len(PROMPTS)} prompts x {a.n} tokens, {a.threads} thread(s)")
+    where = f"layers on RPC {a.rpc} (-ngl {a.ngl})" if a.rpc else "CPU"
+    print(f"{a.model}: S={a.experts}, {where}, {a.rounds} rounds, {len(PROMPTS)} prompts x {a.n} tokens, "
+          f"{a.threads} thread(s)")
     med = {p: statistics.median(x["tok_s"] for x in v) for p, v in res.items()}
     for p, v in res.items():
         print(f"  {p:8s} {med[p]:8.1f} tok/s  step {statistics.median(x['step_us'] for x in v):7.1f} us  "

@@ -189,3 +189,46 @@ def test_exact_survives_a_budget_round_trip(models):
     finally:
         rt.close()
         full.close()
+
+
+def _swapmoe_trace(path: str, capture: bool, cfg, prompts: list[list[int]], n: int = 20):  # type: ignore[no-untyped-def]
+    """swapmoe over teacher-forced decode steps, finished reads committed before every step (so swaps
+    do not depend on I/O timing): (swap sequence, last logits of every step, scores, hit rate)."""
+    llm = SwapMoELlama(path, policy="swapmoe", experts_per_layer=4, scheduler=cfg, **KW)
+    try:
+        if not capture:
+            llm.tap.capture_tokens = 0  # the tap's Python path, every step
+        swaps = []
+        request, before = llm.request_swap, llm._before_decode
+        llm.request_swap = lambda l, s, e: (swaps.append((l, s, e)), request(l, s, e))[1]
+        llm._before_decode = lambda: (llm.apply_pending(wait=True), before())[1]
+        logits = []
+        for p in prompts:
+            llm.reset()
+            llm.eval(p)
+            for i in range(n):
+                llm.eval([p[i % len(p)]])
+                logits.append(np.array(llm.scores[llm.n_tokens - 1]))
+        llm.score_pending()
+        captured = llm.tap.captured_steps
+        return swaps, np.stack(logits), llm.policy.scheduler.scores.copy(), llm.telemetry().hit_rate, captured
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("observe_every", [1, 3])
+def test_decode_steps_scored_in_c_equal_python(tiny_gguf, observe_every):
+    """Decode steps whose router inputs the C filter gathers (scored every F steps, and, with a
+    scoring stride, layer by layer on different steps) give the swaps, logits and hit rate of the
+    Python path that scores every step; scores agree to float rounding."""
+    from swapmoe_gguf.residency.scheduler import SchedulerConfig
+
+    cfg = SchedulerConfig(interval=4, quota=1, observe_every=observe_every, prior_weight=0.0)
+    prompts = [[5, 17, 42, 99, 7], [3, 8, 120, 44, 61, 2]]
+    c = _swapmoe_trace(tiny_gguf, True, cfg, prompts)
+    py = _swapmoe_trace(tiny_gguf, False, cfg, prompts)
+    assert c[4] > 0 and py[4] == 0
+    assert c[0] == py[0] and len(c[0]) > 0
+    assert np.array_equal(c[1], py[1])
+    assert np.allclose(c[2], py[2], rtol=1e-5, atol=1e-12)
+    assert c[3] == pytest.approx(py[3], rel=1e-6)  # (the weights it sums agree to float rounding)

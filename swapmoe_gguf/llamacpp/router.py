@@ -148,8 +148,19 @@ class FullRouter:
         self.w_t = {l: (self.stack_t[i] if self.stack_t is not None else ws[i].T) for i, l in enumerate(self.layers)}
         self.bias = bias or {}                      # layer -> [n_expert] router bias (added to the logits)
         self.selection_bias = selection_bias or {}  # layer -> [n_expert] exp_probs_b (ranking only)
+        # the same, one row per layer (zeros where a layer has none) for route_group; None: no layer has one
+        self.bias_rows = self._rows(self.bias, ws)             # [n_layer, n_expert]
+        self.selection_rows = self._rows(self.selection_bias, ws)  # [n_layer, n_expert]
         self.top_k = top_k
         self.specs: dict[int, GatingSpec] = {l: GatingSpec() for l in weights}  # until probed
+
+    def _rows(self, per_layer: dict[int, np.ndarray], ws: list[np.ndarray]) -> np.ndarray | None:
+        if not per_layer:
+            return None
+        out = np.zeros((len(self.layers), ws[0].shape[0]), dtype=np.float32)
+        for l, v in per_layer.items():
+            out[self.index[l]] = v
+        return out
 
     def logits(self, layer: int, x: np.ndarray) -> np.ndarray:
         """[n_tok, n_expert] router logits of inputs x [n_tok, n_embd] (router bias included)."""
@@ -161,8 +172,9 @@ class FullRouter:
         return route(self.logits(layer, x), self.specs[layer], self.top_k, self.selection_bias.get(layer))
 
     def route_group(self, layers: tuple[int, ...], x: np.ndarray) -> RoutedGroup:
-        """Route G layers sharing a gating spec at once. x [G, n, n_embd]: the matmuls stay one per
-        layer (each with its router, as `logits`), the gating runs once over all G*n rows."""
+        """Route G layers sharing a gating spec at once. x [G, n, n_embd]: one batched matmul over the
+        layers' routers (one per layer when the group is not every layer), then the gating once over
+        all G*n rows (each row's routing is what `route` gives it alone)."""
         g, n, _ = x.shape
         rows = np.array([self.index[l] for l in layers])
         if self.stack_t is not None and g == len(self.layers):  # every layer, in order: one batched matmul
@@ -173,12 +185,11 @@ class FullRouter:
             lg = np.empty((g, n, self.w_t[layers[0]].shape[1]), dtype=np.float32)
             for i, l in enumerate(layers):
                 np.matmul(x[i], self.w_t[l], out=lg[i])
-        if any(l in self.bias for l in layers):
-            lg = lg + np.stack([self.bias.get(l, np.zeros(lg.shape[2], np.float32)) for l in layers])[:, None, :]
+        if self.bias_rows is not None:
+            lg = lg + self.bias_rows[rows][:, None, :]
         sel = None
-        if any(l in self.selection_bias for l in layers):
-            sel = np.repeat(np.stack([self.selection_bias.get(l, np.zeros(lg.shape[2], np.float32)) for l in layers]),
-                            n, axis=0)                                                     # [G*n, n_expert]
+        if self.selection_rows is not None:
+            sel = np.repeat(self.selection_rows[rows], n, axis=0)                          # [G*n, n_expert]
         routed = route(lg.reshape(g * n, -1), self.specs[layers[0]], self.top_k, sel)
         x_norm = np.sqrt(np.einsum("gij,gij->gi", x, x))                                   # [G, n]
         return RoutedGroup(tuple(layers), rows, x_norm, routed)

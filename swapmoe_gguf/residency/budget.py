@@ -103,7 +103,7 @@ class MemoryPlan:
 
 def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None = None, logits_all: bool = False,
              staging_buffers: int = 2, baseline: int | None = None, kv_bytes_per_elem: int = 2,
-             flash_attn: bool = True, streams: bool = False) -> MemoryPlan:
+             flash_attn: bool = True, streams: bool = False, capture_tokens: int = 9) -> MemoryPlan:
     p = info.params
     n_ub = min(n_ubatch or n_batch, n_batch)
     per_layer = {l: sum(t.expert_nbytes for t in info.layer_expert_tensors(l)) for l in info.moe_layers}
@@ -124,6 +124,9 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None =
     # The router tap copies each MoE layer's router input of a micro-batch to numpy (all layers of
     # one decode call are held until it returns) and scores it: logits, softmax and temporaries.
     tap = 4 * n_ub * len(per_layer) * (p.n_embd + 4 * p.n_expert)
+    # ... and keeps the decode steps' inputs the C filter gathers between two scorings: `capture_tokens`
+    # rows per MoE layer (F + 1 steps of up to one token per parallel sequence, RouterTap)
+    tap += 4 * capture_tokens * len(per_layer) * p.n_embd
     # `exact` and the floor compute a prompt's missing experts outside the graph (`streams`): per
     # expert its input rows, gate/up/activation and output, then the layer's output read, summed and
     # written back (policies.ExactPolicy, expert_compute.py), plus ggml's graph overhead

@@ -105,9 +105,12 @@ class SwapMoELlama(Llama):
             experts_per_layer = n_expert
         n_batch_eff = min(n_ctx, n_batch) if n_ctx else n_batch
         lossless = policy == "exact" or self.max_dropped_mass < 1.0
+        # decode steps read router inputs in C (up to n_seq_max tokens a step, one per parallel sequence)
+        # and are scored every F steps, when the scheduler acts: room for F such steps, and one more
+        self._capture = (min(n_seq_max, 16), min((scheduler or SchedulerConfig()).interval, 64) + 1)
         mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
                        logits_all=logits_all, staging_buffers=staging_buffers + reserved, flash_attn=flash_attn,
-                       streams=lossless)
+                       streams=lossless, capture_tokens=self._capture[0] * self._capture[1])
         try:
             self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
         except BudgetError:
@@ -154,12 +157,9 @@ class SwapMoELlama(Llama):
         # the exact policy also needs the probability nodes: decided by what was asked for, so that a
         # budget change from `full` back to `exact` finds them
         self.full_router = self._full_router()
-        # decode steps read router inputs in C (up to n_seq_max tokens a step, one per parallel sequence)
-        # and are scored every F steps, when the scheduler acts: room for F such steps, and one more
-        cfg = scheduler or SchedulerConfig()
         self.tap = RouterTap(self.full_router, in_graph=getattr(self.policy, "in_graph", None),
                              probs=self.requested_policy == "exact" or self.max_dropped_mass < 1.0,
-                             capture_tokens=min(n_seq_max, 16), capture_steps=min(cfg.interval, 64) + 1)
+                             capture_tokens=self._capture[0], capture_steps=self._capture[1])
         self.tap.enabled = False
         self.tap.stride = (scheduler or SchedulerConfig()).observe_every if policy == "swapmoe" else 1
         try:
@@ -309,11 +309,11 @@ class SwapMoELlama(Llama):
         """llama_decode with the runtime's hooks around it (tap, scheduler, swaps, telemetry): for
         callers that build their own batches (the parallel engine)."""
         t_start = time.perf_counter()
-        self.tap.begin(batch.n_tokens)
         swaps0, copy0 = self.telemetry_.swaps, self.tap.capture_seconds
         if self.tap.pending_steps and not self.tap.will_capture(batch.n_tokens):
             self._flush_tap()  # the steps so far are scored before this one
         self._before_decode()
+        self.tap.begin(batch.n_tokens)  # (after the commits: the captured steps' resident sets are known)
         t0 = time.perf_counter()
         if run is not None:
             run()
@@ -451,7 +451,8 @@ class SwapMoELlama(Llama):
         mem0 = estimate(vm.info, n_ctx=self.n_ctx(), n_batch=self.n_batch, logits_all=self._logits_all,
                         staging_buffers=vm.store.staging_buffers + vm.store.reserved, baseline=self.memory.baseline,
                         flash_attn=self.flash_attn,
-                        streams=self.requested_policy == "exact" or self.max_dropped_mass < 1.0)
+                        streams=self.requested_policy == "exact" or self.max_dropped_mass < 1.0,
+                        capture_tokens=self._capture[0] * self._capture[1])
         new = plan_slots(mem0, budget, experts_per_layer)
         self.budget_bytes = budget.resolve(mem0.total(mem0.n_expert)) if budget else None
         if new.slots == vm.slots:
