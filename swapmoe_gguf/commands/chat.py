@@ -49,9 +49,10 @@ def _ctrl_c_as_flag(llm) -> Iterator[threading.Event]:  # type: ignore[no-untype
 def status_line(rec: GenerationRecord, llm) -> str:  # type: ignore[no-untyped-def]
     budget = f" / budget {fmt(rec.budget_bytes)}" if rec.budget_bytes else ""
     hit = f"{rec.hit_rate:.1%}" if rec.hit_rate is not None else "-"
+    sched = llm.telemetry().sched_us_per_token
     return (f"[{rec.n_generated} tok, {rec.tok_s:.1f} tok/s | RSS {fmt(rec.rss_bytes)}{budget}, peak "
             f"{fmt(rec.peak_rss_bytes)} | {llm.vmodel.slots}/{llm.vmodel.n_expert} experts/layer, {llm.policy_name} | "
-            f"hit {hit} | swaps {rec.swaps}]")
+            f"hit {hit} | swaps {rec.swaps}" + (f" | scheduler {sched:.0f} us/tok" if sched is not None else "") + "]")
 
 
 def stats_text(llm) -> str:  # type: ignore[no-untyped-def]
@@ -61,7 +62,9 @@ def stats_text(llm) -> str:  # type: ignore[no-untyped-def]
              (f" of budget {fmt(t.budget_bytes)}" if t.budget_bytes else "") + f"; planned {fmt(llm.memory.total())}",
              f"tokens {t.tokens}; hit rate " + (f"{t.hit_rate:.1%}" if t.hit_rate is not None else "-") +
              f"; swaps {t.swaps} (failed {t.swap_failures}); read {fmt(t.bytes_read)} in {t.read_seconds:.2f} s; "
-             f"decode waited {t.io_blocked_seconds:.3f} s for I/O"]
+             f"decode waited {t.io_blocked_seconds:.3f} s for I/O",
+             "scheduler " + (f"{t.sched_us_per_token:.0f} us per decoded token (router inputs, scoring, swaps)"
+                             if t.sched_us_per_token is not None else "-")]
     return "\n".join(lines)
 
 

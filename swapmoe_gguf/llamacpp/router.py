@@ -413,8 +413,9 @@ class RouterTap:
             return None
         self.capture_seconds += f.copy_ns * 1e-9  # type: ignore[union-attr]
         f.copy_ns = 0  # type: ignore[union-attr]
-        if f.error:  # type: ignore[union-attr]
+        if f.error == 1:  # type: ignore[union-attr]
             log.warning("router inputs of an unexpected type or shape: reading them in Python from now on")
+            f.error = 2  # (said once; still non-zero: will_capture stays off)  # type: ignore[union-attr]
         cap.steps = cap.filled = 0
         cap.single = True
         rows = np.flatnonzero(cap.n_tok)
@@ -422,9 +423,9 @@ class RouterTap:
             return None
         layers, specs, n_tok = self.router.layers, self.router.specs, cap.n_tok
         key = [(specs[layers[r]], int(n_tok[r])) for r in rows]
-        groups = []
+        groups, one = [], len(set(key)) == 1
         for k in dict.fromkeys(key):
-            sel = rows if len(set(key)) == 1 else rows[[i for i, kk in enumerate(key) if kk == k]]
+            sel = rows if one else rows[[i for i, kk in enumerate(key) if kk == k]]
             x = cap.buf[sel, : k[1]] if len(sel) < len(layers) else cap.buf[:, : k[1]]   # [G, n, n_embd]
             groups.append(self.router.route_group(tuple(layers[r] for r in sel), x))
         n_tok[:] = 0
