@@ -170,3 +170,16 @@ def test_layers_observed_together_equal_one_by_one():
         for i, l in enumerate(layers):
             _observe_one_layer(b, l, x_norm[i], sel[i], w[i])
     assert np.array_equal(a.scores, b.scores) and a.scores.max() > 0
+
+
+def test_calibration_windows_cover_the_text_or_spread_over_it():
+    """Within the budget: the whole text in order (what calibration always did); over it: windows
+    spread from the text's start to its end, about the budget in all (every domain of a mixed text)."""
+    from swapmoe_gguf.residency.policies import calibration_windows
+
+    assert calibration_windows(1000, 256, 5000) == [(0, 256), (256, 512), (512, 768), (768, 1000)]
+    spread = calibration_windows(8919, 256, 500)
+    assert spread[0][0] == 0 and spread[-1][1] == 8919 and len(spread) == 4
+    assert 400 <= sum(e - s for s, e in spread) <= 500
+    assert all(e - s == spread[0][1] - spread[0][0] for s, e in spread)
+    assert calibration_windows(8919, 256, 10) == [(0, 32)]  # at least a probe's length

@@ -373,41 +373,68 @@ CALIB_CHUNK = 256  # tokens per calibration window: fixed, so the result does no
 # under a second on a small model, but 16 minutes on a 48-layer 29 GiB one on 2 cores (where a few
 # hundred tokens already rank the experts every domain needs)
 CALIB_SECONDS = 20.0
+CALIB_PROBE = 32  # tokens timed first to know whether the whole text fits CALIB_SECONDS
 
 
 def calib_chunk(rt: Runtime) -> int:
     return max(1, min(CALIB_CHUNK, rt.n_ctx_seq(), len(rt.input_ids)) - 1)
 
 
+def calibration_windows(n_tokens: int, chunk: int, budget_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) token windows to calibrate on: the whole text in windows of `chunk`, in order, when
+    `budget_tokens` covers it; else windows spread evenly over the text (a mixed text's every domain
+    is sampled, not only its first), each of at least CALIB_PROBE tokens, summing to about the budget."""
+    if budget_tokens >= n_tokens:
+        return [(i, min(i + chunk, n_tokens)) for i in range(0, n_tokens, chunk)]
+    w = max(min(CALIB_PROBE, chunk), min(chunk, budget_tokens // 4))
+    m = max(1, budget_tokens // w)
+    return [(int(s), int(s) + w) for s in np.linspace(0, max(0, n_tokens - w), m).round()]
+
+
 def calibrate(rt: Runtime, tokens: list[int], seconds: float = CALIB_SECONDS) -> np.ndarray:
     """Importance per token over a calibration text (Eq. 1, no decay), read in windows of CALIB_CHUNK
-    tokens, until the text ends or `seconds` have passed (at a window's end). A progress bar on a
-    terminal when it will take a while. [n_moe_layer, n_expert]"""
+    tokens; when the whole text would take more than `seconds` (timed on a short probe), fewer
+    windows spread over it (`calibration_windows`). A progress bar on a terminal when it will take a
+    while. [n_moe_layer, n_expert]"""
     import sys
 
     from tqdm import tqdm
 
     vm = rt.vmodel
-    sched = ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
-                                SchedulerConfig(decay=1.0 - 1e-9, interval=1 << 30, quota=0))
+
+    def collector() -> ImportanceScheduler:
+        return ImportanceScheduler(vm.moe_layers, vm.n_expert, vm.top_k, vm.info.expert_norms,  # type: ignore[arg-type]
+                                   SchedulerConfig(decay=1.0 - 1e-9, interval=1 << 30, quota=0))
+
+    sched = collector()
     saved, enabled = rt.policy, rt.tap.enabled
-    rt.policy, rt.tap.enabled = _Collector(sched), True
-    chunk, used, t0 = calib_chunk(rt), 0, time.perf_counter()
+    chunk, used = calib_chunk(rt), 0
     bar = None
     try:
-        for i in range(0, len(tokens), chunk):
+        rt.tap.enabled = True
+        rt.policy = _Collector(collector())  # the probe only times: its scores are dropped
+        t0 = time.perf_counter()
+        rt.reset()
+        probe = tokens[:min(CALIB_PROBE, chunk)]
+        rt.eval(probe)
+        rate = len(probe) / max(time.perf_counter() - t0, 1e-9)                          # tokens / s
+        windows = calibration_windows(len(tokens), chunk, int(rate * seconds))
+        total = sum(e - s for s, e in windows)
+        if total / rate > 3.0:  # long work: show it
+            bar = tqdm(total=total, unit="tok", desc="calibrating", disable=not sys.stderr.isatty(), leave=False)
+        rt.policy = _Collector(sched)
+        t0 = time.perf_counter()
+        for s, e in windows:
             rt.reset()
-            rt.eval(tokens[i:i + chunk])
-            used += len(tokens[i:i + chunk])
-            spent = time.perf_counter() - t0
-            if bar is None and i == 0 and spent * len(tokens) / used > 3.0:  # long work: show it
-                bar = tqdm(total=min(len(tokens), int(used * seconds / spent) + chunk), initial=used, unit="tok",
-                           desc="calibrating", disable=not sys.stderr.isatty(), leave=False)
-            elif bar is not None:
-                bar.update(len(tokens[i:i + chunk]))
-            if spent >= seconds and used < len(tokens):
-                log.info("calibrated on %d of %d tokens (%.0f s budget)", used, len(tokens), seconds)
+            rt.eval(tokens[s:e])
+            used += e - s
+            if bar is not None:
+                bar.update(e - s)
+            if time.perf_counter() - t0 > 2 * seconds and used < total:  # the probe misjudged: stop
                 break
+        if used < len(tokens):
+            log.info("calibrated on %d of %d tokens in %d windows spread over the text (%.0f s budget)", used,
+                     len(tokens), len(windows), seconds)
     finally:
         if bar is not None:
             bar.close()
