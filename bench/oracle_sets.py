@@ -16,7 +16,7 @@ import numpy as np
 
 from swapmoe_gguf.converters.default_model import default_model, shipped_heldout
 from swapmoe_gguf.commands.evaluate import evaluate, read_texts, stream_chunks
-from swapmoe_gguf.residency.policies import _Collector
+from swapmoe_gguf.residency.calibration import _Collector
 from swapmoe_gguf.runtime import SwapMoELlama
 from swapmoe_gguf.residency.scheduler import ImportanceScheduler, SchedulerConfig
 

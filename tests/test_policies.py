@@ -73,18 +73,18 @@ def test_static_never_swaps_and_equals_fixed_build(models):
 
 def test_static_calibration_is_cached_per_model_text_and_slots(models, tmp_path, monkeypatch):
     from swapmoe_gguf.planning import calib_cache
-    from swapmoe_gguf.residency import policies
+    from swapmoe_gguf.residency import calibration
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = str(models["qwen3moe"])
     calls = []
-    real = policies.calibrate
+    real = calibration.calibrate
     monkeypatch.setattr("swapmoe_gguf.runtime.llama.calibrate", lambda *a: calls.append(1) or real(*a))
     sets = []
     for _ in range(2):
         st = SwapMoELlama(path, policy="static", experts_per_layer=2, **KW)
         sets.append((st.static_rank, {l: list(v) for l, v in st.vmodel.slot_map.items()}))
-        info, chunk = st.vmodel.info, policies.calib_chunk(st)
+        info, chunk = st.vmodel.info, calibration.calib_chunk(st)
         st.close()
     assert len(calls) == 1 and sets[0] == sets[1]  # the second build read the cache
     cached = calib_cache.calib_path(info, calib_cache.default_calibration_text(), 2, chunk)

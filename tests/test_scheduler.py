@@ -175,7 +175,7 @@ def test_layers_observed_together_equal_one_by_one():
 def test_calibration_windows_cover_the_text_or_spread_over_it():
     """Within the budget: the whole text in order (what calibration always did); over it: windows
     spread from the text's start to its end, about the budget in all (every domain of a mixed text)."""
-    from swapmoe_gguf.residency.policies import calibration_windows
+    from swapmoe_gguf.residency.calibration import calibration_windows
 
     assert calibration_windows(1000, 256, 5000) == [(0, 256), (256, 512), (512, 768), (768, 1000)]
     spread = calibration_windows(8919, 256, 500)

@@ -35,8 +35,8 @@ from ..llamacpp.vmodel import VirtualExpertModel
 from ..planning import calib_cache
 from ..planning.planner import Plan
 from ..residency.budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
-from ..residency.policies import (CALIB_SECONDS, POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy,
-                                  calib_chunk, calibrate, ranking)
+from ..residency.calibration import CALIB_SECONDS, calib_chunk, calibrate, ranking
+from ..residency.policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy
 from ..residency.protocols import ResidencyPolicy
 from ..residency.scheduler import ImportanceScheduler, SchedulerConfig
 from ..residency.telemetry import RssProbe, Telemetry, TelemetrySnapshot
