@@ -22,6 +22,7 @@ import numpy as np
 
 from .ggml import GGMLTensor, ggml
 from .routing import GatingSpec, GraphNode, Routed, route
+from .scoring import Hits, ScoreKernel, ScoreSink
 
 log = logging.getLogger(__name__)
 _NAME_OFF = GGMLTensor.name.offset
@@ -94,15 +95,18 @@ class RoutedGroup:
 @dataclass
 class RouterBatch:
     """The full model's routing of every MoE layer scored in one decode call (a prompt), or in the
-    decode steps gathered since the last flush."""
+    decode steps gathered since the last flush. `scored` > 0: those steps were already added to the
+    scheduler's sums (and the hits counted into `hits`) by the C kernel; `groups` is then empty."""
 
     groups: list[RoutedGroup]
     prompt: bool = False   # from one multi-token decode call (a prompt's prefill)
+    scored: int = 0        # tokens per layer the C kernel scored in place (see `RouterTap.flush`)
+    hits: Hits | None = None
 
     @property
     def n_tokens(self) -> int:
         """Tokens of the widest layer (the last layer of a prompt keeps only its output rows)."""
-        return max(g.n_tokens for g in self.groups)
+        return max((g.n_tokens for g in self.groups), default=self.scored)
 
     @property
     def layers(self) -> list[int]:
@@ -251,8 +255,11 @@ class RouterTap:
             n_embd = router.w_t[router.layers[0]].shape[0]
             self._cap = _Capture(self._filter, router.layers, n_embd, capture_tokens * max(1, capture_steps))
         self._capturing = False
+        self._kernel = None if self._cap is None else ScoreKernel.load(
+            router.w_t[router.layers[0]].shape[1], router.top_k, router.bias_rows, router.selection_rows)
         self.capture_seconds = 0.0  # spent copying router inputs in C, summed
         self.captured_steps = 0  # decode calls whose router inputs were copied in C, summed
+        self.kernel_flushes = 0  # flushes the C kernel scored in place
 
     # probing llama.cpp's routing graph ---------------------------------------------------------
     def start_probe(self) -> None:
@@ -404,10 +411,14 @@ class RouterTap:
             groups.append(RoutedGroup((layer,), np.array([self.index[layer]]), norms, r))
         return RouterBatch(groups, prompt=self.batch_tokens > 1)
 
-    def flush(self) -> RouterBatch | None:
+    def flush(self, sink: ScoreSink | None = None,
+              masks: tuple[np.ndarray, np.ndarray] | None = None) -> RouterBatch | None:
         """Score the decode steps captured in C so far, by (gating spec, tokens): one group of every
         scored layer, unless layers were scored on different steps (`stride`) or a short prompt's last
-        layer kept only its output rows."""
+        layer kept only its output rows. With a `sink` (the scheduler's arrays) and every layer in one
+        group, the C kernel adds them to the sink in place instead (`RouterBatch.scored`), and counts
+        the hits against `masks` ([n_masks, n_layer, N] resident sets, [n] the one each step ran with;
+        None: not counted)."""
         cap, f = self._cap, self._filter
         if cap is None or cap.steps == 0:
             return None
@@ -423,7 +434,18 @@ class RouterTap:
             return None
         layers, specs, n_tok = self.router.layers, self.router.specs, cap.n_tok
         key = [(specs[layers[r]], int(n_tok[r])) for r in rows]
-        groups, one = [], len(set(key)) == 1
+        one = len(set(key)) == 1
+        if sink is not None and one and len(rows) == len(layers) and self._kernel is not None \
+                and self.router.stack_t is not None and sink.layers == layers:
+            n = key[0][1]
+            x = cap.buf[:, :n]                                                               # [L, n, n_embd]
+            lg = np.matmul(x, self.router.stack_t)                                           # [L, n, N]
+            x_norm = np.sqrt(np.einsum("gij,gij->gi", x, x))                                 # [L, n]
+            hits = self._kernel.score(lg, x_norm, cap.rows, key[0][0], sink, *(masks or (None, None)))
+            n_tok[:] = 0
+            self.kernel_flushes += 1
+            return RouterBatch([], scored=n, hits=hits)
+        groups = []
         for k in dict.fromkeys(key):
             sel = rows if one else rows[[i for i, kk in enumerate(key) if kk == k]]
             x = cap.buf[sel, : k[1]] if len(sel) < len(layers) else cap.buf[:, : k[1]]   # [G, n, n_embd]

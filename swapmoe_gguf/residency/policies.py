@@ -46,7 +46,8 @@ POLICIES = ("swapmoe", "static", "exact", "full")
 
 
 def observe(scheduler: ImportanceScheduler, batch: RouterBatch) -> None:
-    """Add a decode call's routing to the scheduler's scores, a group of layers at a time."""
+    """Add a decode call's routing to the scheduler's scores, a group of layers at a time (nothing
+    when the C kernel already added it into the scheduler's `sink`)."""
     for g in batch.groups:
         shape = (len(g.layers), g.n_tokens, g.routed.selected.shape[-1])  # (a layer may compute no token)
         scheduler.observe_layers(g.layers, g.x_norm, g.routed.selected.reshape(shape), g.routed.weights.reshape(shape))
@@ -85,6 +86,13 @@ class SwapMoEPolicy:
         self.scheduler = scheduler
         self.floor = floor          # the quality floor's on-demand loader (None: τ = 1)
         self._seen_tokens = 0
+        self._sink = scheduler.sink()
+
+    @property
+    def score_sink(self):  # -> ScoreSink | None
+        """Where the router tap's C kernel adds captured decode steps (none with a floor: its
+        in-graph hook reads every layer in Python)."""
+        return self._sink if self.floor is None else None
 
     @property
     def in_graph(self) -> "ExactPolicy | None":

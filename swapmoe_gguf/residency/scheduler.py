@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..llamacpp.scoring import ScoreSink
+
 
 @dataclass(frozen=True)
 class Swap:
@@ -78,6 +80,22 @@ class ImportanceScheduler:
         self.prior = np.zeros_like(self.scores)                                          # [n_layer, n_expert]
         self._since_update = 0
         self._rows: dict[tuple[int, ...], np.ndarray] = {}  # layers -> their rows (a step's layers repeat)
+        self._decay: dict[int, tuple[np.ndarray, float]] = {}  # n_tok -> decay_weights(n_tok)
+
+    def decay_weights(self, n_tok: int) -> tuple[np.ndarray, float]:
+        """(decay^(n_tok-1-t) for each token t [n_tok], decay^n_tok): what is left of token t's
+        contribution, and of the earlier scores, once n_tok tokens are added."""
+        w = self._decay.get(n_tok)
+        if w is None:
+            d = self.config.decay
+            w = self._decay[n_tok] = (d ** np.arange(n_tok - 1, -1, -1, dtype=np.float64), d ** n_tok)
+        return w
+
+    def sink(self) -> ScoreSink:
+        """The score arrays, for the C kernel that adds captured decode steps in place (the same sums
+        as `observe_layers`; see llamacpp/scoring.py)."""
+        return ScoreSink(self.layers, self.scores, np.ascontiguousarray(self.norms, dtype=np.float64),
+                         self.decay_weights)
 
     def set_prior(self, rate: np.ndarray) -> None:
         """rate [n_layer, n_expert]: calibrated importance per token (Eq. 1 summed over a calibration
@@ -111,11 +129,11 @@ class ImportanceScheduler:
         g, n_tok = x_norm.shape
         gate = np.abs(weights) * x_norm[..., None]                                     # [G, n_tok, k]
         # Token t's contribution decays by decay^(n_tok-1-t) by the end of this batch.
-        w = self.config.decay ** np.arange(n_tok - 1, -1, -1, dtype=np.float64)        # [n_tok]
+        w, left = self.decay_weights(n_tok)                                             # [n_tok]
         contrib = np.zeros((g, self.n_expert))                                         # [G, n_expert]
         flat = (np.arange(g)[:, None, None] * self.n_expert + selected).ravel()
         np.add.at(contrib.reshape(-1), flat, (gate * w[:, None]).ravel())
-        self.scores[rows] = self.scores[rows] * self.config.decay ** n_tok + contrib * self.norms[rows]
+        self.scores[rows] = self.scores[rows] * left + contrib * self.norms[rows]
 
     def due(self, n_tokens: int) -> bool:
         """Whether `tick(n_tokens)` would make an update due."""

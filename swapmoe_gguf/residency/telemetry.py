@@ -60,6 +60,11 @@ class Telemetry:
         self.hit_mass += float(s.sum())
         self.hit_count += int(s.size)
 
+    def add_hit_sums(self, mass: float, count: int) -> None:
+        """Shares summed elsewhere (the router tap's C kernel)."""
+        self.hit_mass += mass
+        self.hit_count += count
+
     @property
     def hit_rate(self) -> float | None:
         return self.hit_mass / self.hit_count if self.hit_count else None

@@ -30,6 +30,7 @@ from ..base.errors import ContextFull, LayoutError, SwapMoEError
 from ..fileformat.reader import read_gguf
 from ..llamacpp.expert_compute import WEIGHT_NODES, ExpertFFN, ffn_spec
 from ..llamacpp.router import FullRouter, RouterBatch, RouterTap
+from ..llamacpp.scoring import token_masks
 from ..llamacpp.routing import hit_shares
 from ..llamacpp.vmodel import VirtualExpertModel
 from ..planning import calib_cache
@@ -369,10 +370,19 @@ class SwapMoELlama(Llama):
 
     def _flush_tap(self) -> None:
         """Score the decode steps the router tap gathered (with the resident sets they ran with)."""
-        masks, self._hit_masks = self._hit_masks, []
-        batch = self.tap.flush()
-        if batch is not None:
-            self._observe(batch, masks)
+        entries, self._hit_masks = self._hit_masks, []
+        sink = getattr(self.policy, "score_sink", None)
+        masks = None
+        if sink is not None and not self.policy.owns_hit_rate and self.tap.pending_aligned:
+            masks = token_masks(entries, self.vmodel.resident_mask, self.tap.pending_steps)
+        batch = self.tap.flush(sink if masks is not None else None, masks)
+        if batch is None:
+            return
+        if batch.hits is not None:
+            self.telemetry_.add_hit_sums(batch.hits.mass, batch.hits.count)
+            self.policy.on_router(self, batch)
+        else:
+            self._observe(batch, entries)
 
     def _observe(self, batch: RouterBatch, masks: list[tuple[int, np.ndarray]] = ()) -> None:  # type: ignore[assignment]
         """Hand the full model's routing to the hit counter and the policy."""
