@@ -92,7 +92,8 @@ def test_token_masks() -> None:
 
 
 def test_runtime_scores_captured_steps_in_c(tiny_gguf: str) -> None:
-    """swapmoe decoding one token at a time scores through the kernel (not numpy's path)."""
+    """swapmoe decoding one token at a time scores through the kernel (not numpy's path), on router
+    inputs the graph wrote into the capture area itself (no copy, no split)."""
     from swapmoe_gguf.runtime import SwapMoELlama
 
     llm = SwapMoELlama(tiny_gguf, policy="swapmoe", experts_per_layer=4, n_ctx=128, verbose=False)
@@ -102,6 +103,7 @@ def test_runtime_scores_captured_steps_in_c(tiny_gguf: str) -> None:
             llm.eval([t + 3])
         llm.score_pending()
         assert llm.tap.kernel_flushes > 0
+        assert llm.tap.redirected_inputs >= 24 * len(llm.full_router.layers)
         assert llm.telemetry().hit_rate is not None
     finally:
         llm.close()

@@ -15,18 +15,20 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from .ggml import GGMLTensor, ggml
+from .ggml import GGML_TYPE_F32, GGMLTensor, ggml, shared_lib
 from .routing import GatingSpec, GraphNode, Routed, route
 from .scoring import Hits, ScoreKernel, ScoreSink
 
 log = logging.getLogger(__name__)
 _NAME_OFF = GGMLTensor.name.offset
 _PREFIX = b"ffn_moe_logits-"
+_MAX_DEV = 8  # _evalfilter.c's MAX_DEV
 
 
 class _Filter(ctypes.Structure):
@@ -38,44 +40,126 @@ class _Filter(ctypes.Structure):
                 ("src_offset", ctypes.c_size_t), ("type_offset", ctypes.c_size_t), ("ne_offset", ctypes.c_size_t),
                 ("nb_offset", ctypes.c_size_t), ("tensor_get", ctypes.c_void_p), ("n_layer_map", ctypes.c_int32),
                 ("row_of_layer", ctypes.c_void_p), ("want", ctypes.c_void_p), ("buf", ctypes.c_void_p),
-                ("n_embd", ctypes.c_int64), ("max_tok", ctypes.c_int64), ("n_tok", ctypes.c_void_p),
-                ("error", ctypes.c_int32), ("copy_ns", ctypes.c_int64)]
+                ("n_embd", ctypes.c_int64), ("slot_tokens", ctypes.c_int64), ("n_tok", ctypes.c_void_p),
+                ("error", ctypes.c_int32), ("copy_ns", ctypes.c_int64), ("n_rows", ctypes.c_int32),
+                ("slot", ctypes.c_int32), ("where", ctypes.c_void_p), ("redirect", ctypes.c_int32),
+                ("buffer_offset", ctypes.c_size_t), ("op_offset", ctypes.c_size_t),
+                ("view_src_offset", ctypes.c_size_t), ("view_offs_offset", ctypes.c_size_t),
+                ("data_offset", ctypes.c_size_t), ("buffer_is_host", ctypes.c_void_p),
+                ("buffer_get_type", ctypes.c_void_p), ("host_buffer", ctypes.c_void_p), ("n_dev", ctypes.c_int32),
+                ("dev_type", ctypes.c_void_p * _MAX_DEV), ("dev_buffer", ctypes.c_void_p * _MAX_DEV),
+                ("dev_base", ctypes.c_void_p * _MAX_DEV), ("missing_type", ctypes.c_void_p),
+                ("max_moved", ctypes.c_int32), ("n_moved", ctypes.c_int32), ("moved", ctypes.c_void_p),
+                ("max_views", ctypes.c_int32), ("n_views", ctypes.c_int32), ("views", ctypes.c_void_p),
+                ("redirected", ctypes.c_int64), ("views_full", ctypes.c_int32)]
 
 
 class _Capture:
-    """The buffers the C filter copies router inputs into on decode steps (see _evalfilter.c):
-    `buf` [n_rows, max_tok, n_embd], `n_tok` [n_rows] tokens captured per layer this step, and
-    `want` [n_rows] the layers to capture. Owned here, read by the C code through raw pointers."""
+    """The capture area the C filter fills on decode steps (see _evalfilter.c): slot (step, layer) holds
+    that layer's router inputs of that step. `buf` [n_slots, n_rows, slot_tokens, n_embd] on the host;
+    where a layer runs on a device, an area of the same layout in that device's memory (`devices`),
+    read at `flush`. `n_tok` [n_slots, n_rows] tokens in each slot, `where` [n_slots, n_rows] which area
+    (0 host, 1 + d device d), `want` [n_rows] the layers to capture this step. Owned here, read and
+    written by the C code through raw pointers."""
 
-    def __init__(self, f: _Filter, layers: list[int], n_embd: int, max_tok: int):
+    def __init__(self, f: _Filter, layers: list[int], n_embd: int, slot_tokens: int, n_slots: int,
+                 redirect: bool = True):
         rows = np.full(max(layers) + 1, -1, dtype=np.int32)
         rows[layers] = np.arange(len(layers), dtype=np.int32)
+        n = len(layers)
         self.row_of_layer = rows
-        self.rows = np.arange(len(layers))                                       # [n_rows]
-        self.want = np.zeros(len(layers), dtype=np.uint8)                        # [n_rows]
-        self.n_tok = np.zeros(len(layers), dtype=np.int32)                       # [n_rows]
-        self.buf = np.zeros((len(layers), max_tok, n_embd), dtype=np.float32)   # [n_rows, max_tok, n_embd]
-        self.max_tok = max_tok
-        self.steps = 0  # decode calls captured since the last flush
-        self.filled = 0  # tokens captured since then, summed over those calls (>= any row's count)
+        self.rows = np.arange(n)                                                     # [n_rows]
+        self.want = np.zeros(n, dtype=np.uint8)                                      # [n_rows]
+        self.n_tok = np.zeros((n_slots, n), dtype=np.int32)                          # [n_slots, n_rows]
+        self.where = np.zeros((n_slots, n), dtype=np.int8)                           # [n_slots, n_rows]
+        shape = (n_slots, n, slot_tokens, n_embd)
+        raw = np.zeros(4 * int(np.prod(shape)) + 64, dtype=np.uint8)  # (ggml wants 32-byte aligned buffers)
+        at = -raw.ctypes.data % 64
+        self.buf = raw[at:at + 4 * int(np.prod(shape))].view(np.float32).reshape(shape)  # [n_slots, n_rows, tok, n_embd]
+        self.n_slots, self.slot_tokens = n_slots, slot_tokens
+        self.steps = 0  # decode calls captured since the last flush (the slots in use)
         self.single = True  # every one of those calls decoded one token
         self.want_all = False  # `want` holds all ones
+        # the C filter's list of redirected tensors (3 pointers each) and of view nodes seen in a step
+        self.moved = np.zeros(3 * (4096 + 64 * n), dtype=np.uintp)
+        self.views = np.zeros(1 << 16, dtype=np.uintp)
+        self.devices: list[tuple[int, int, int]] = []  # (buffer type, buffer, base) of each device area
+        self._f = f
+        g = ggml()
         f.cap_prefix, f.cap_prefix_len = _PREFIX, len(_PREFIX)
         f.src_offset, f.type_offset = GGMLTensor.src.offset, GGMLTensor.type.offset
         f.ne_offset, f.nb_offset = GGMLTensor.ne.offset, GGMLTensor.nb.offset
-        f.tensor_get = ctypes.cast(ggml().lib.ggml_backend_tensor_get, ctypes.c_void_p).value
+        f.buffer_offset, f.op_offset = GGMLTensor.buffer.offset, GGMLTensor.op.offset
+        f.view_src_offset, f.view_offs_offset = GGMLTensor.view_src.offset, GGMLTensor.view_offs.offset
+        f.data_offset = GGMLTensor.data.offset
+        f.tensor_get = ctypes.cast(g.lib.ggml_backend_tensor_get, ctypes.c_void_p).value
+        f.buffer_is_host = ctypes.cast(g.lib.ggml_backend_buffer_is_host, ctypes.c_void_p).value
+        f.buffer_get_type = ctypes.cast(g.lib.ggml_backend_buffer_get_type, ctypes.c_void_p).value
         f.n_layer_map, f.row_of_layer = len(rows), rows.ctypes.data
-        f.want, f.buf, f.n_tok = self.want.ctypes.data, self.buf.ctypes.data, self.n_tok.ctypes.data
-        f.n_embd, f.max_tok = n_embd, max_tok
+        f.want, f.buf, f.n_tok, f.where = (self.want.ctypes.data, self.buf.ctypes.data, self.n_tok.ctypes.data,
+                                           self.where.ctypes.data)
+        f.n_embd, f.slot_tokens, f.n_rows = n_embd, slot_tokens, n
+        f.max_moved, f.moved = len(self.moved) // 3, self.moved.ctypes.data
+        f.max_views, f.views = len(self.views), self.views.ctypes.data
+        self.host_buffer = 0
+        if redirect:
+            lib = g.lib if hasattr(g.lib, "ggml_backend_cpu_buffer_from_ptr") else shared_lib(g.libdir, "libggml-cpu")
+            from_ptr = lib.ggml_backend_cpu_buffer_from_ptr
+            from_ptr.restype, from_ptr.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]
+            self.host_buffer = from_ptr(self.buf.ctypes.data, self.buf.nbytes) or 0
+        f.host_buffer = self.host_buffer or None
+        f.redirect = int(bool(self.host_buffer))
+
+    def add_device(self, buft: int) -> None:
+        """A capture area in the memory of buffer type `buft` (a device the filter met a router input on)."""
+        g, f = ggml(), self._f
+        if len(self.devices) >= _MAX_DEV:
+            return
+        buffer = g.lib.ggml_backend_buft_alloc_buffer(buft, self.buf.nbytes)
+        if not buffer:
+            log.warning("no room for the router tap's capture area on %s: copying router inputs there",
+                        g.buft_name(buft))
+            return
+        base = g.lib.ggml_backend_buffer_get_base(buffer)
+        d = len(self.devices)
+        f.dev_type[d], f.dev_buffer[d], f.dev_base[d] = buft, buffer, base
+        self.devices.append((buft, buffer, base))
+        f.n_dev = len(self.devices)
+
+    def read_devices(self, steps: int) -> None:
+        """Bring the device areas' first `steps` slots into `buf` (one read per device)."""
+        nbytes = steps * self.buf[0].nbytes
+        for d, (_, buffer, base) in enumerate(self.devices):
+            cells = self.where[:steps] == d + 1                                      # [steps, n_rows]
+            if not cells.any():
+                continue
+            staging = np.empty_like(self.buf[:steps])
+            t = GGMLTensor(type=GGML_TYPE_F32, buffer=buffer, data=base)  # the area's prefix as one F32 tensor
+            t.ne[:] = (nbytes // 4, 1, 1, 1)
+            t.nb[:] = (4, nbytes, nbytes, nbytes)
+            ggml().lib.ggml_backend_tensor_get(ctypes.addressof(t), staging.ctypes.data, 0, nbytes)
+            self.buf[:steps][cells] = staging[cells]
+
+    def close(self) -> None:
+        g = ggml()
+        for _, buffer, _ in self.devices:
+            g.lib.ggml_backend_buffer_free(buffer)
+        self.devices = []
+        self._f.n_dev = 0
+        if self.host_buffer:
+            g.lib.ggml_backend_buffer_free(self.host_buffer)  # (frees the wrapper, not numpy's memory)
+            self.host_buffer = 0
 
 
-def _filter_fn() -> int | None:
-    """Address of the compiled C filter, or None when it was not built."""
+def _filter_lib() -> ctypes.CDLL | None:
+    """The compiled C filter, or None when it was not built."""
     spec = importlib.util.find_spec("swapmoe_gguf.llamacpp._evalfilter")
     if spec is None or not spec.origin:
         log.warning("eval-callback filter not built; the router tap runs in Python for every graph node")
         return None
-    return ctypes.cast(ctypes.CDLL(spec.origin).swapmoe_filter_eval, ctypes.c_void_p).value
+    lib = ctypes.CDLL(spec.origin)
+    lib.swapmoe_filter_restore.argtypes, lib.swapmoe_filter_restore.restype = [ctypes.c_void_p], None
+    return lib
 
 
 @dataclass
@@ -213,10 +297,11 @@ class InGraphHook(Protocol):
 
 class RouterTap:
     def __init__(self, router: FullRouter, in_graph: InGraphHook | None = None, probs: bool = False,
-                 capture_tokens: int = 0, capture_steps: int = 1):
+                 capture_tokens: int = 0, capture_steps: int = 1, redirect: bool = True):
         """Decode calls of up to `capture_tokens` tokens (one per parallel sequence; 0: none) have their
-        router inputs copied in C, `capture_steps` of them between flushes; longer calls (prompts)
-        are read in Python."""
+        router inputs gathered in C, `capture_steps` of them between flushes; longer calls (prompts)
+        are read in Python. `redirect`: the graph writes them into the capture area itself (else the
+        filter copies each once computed, splitting the graph there; see _evalfilter.c)."""
         import llama_cpp
 
         self.router = router
@@ -240,20 +325,22 @@ class RouterTap:
         self._prefix = b"ffn_moe_" if in_graph is not None or probs else _PREFIX
         # Keep every ctypes object alive as long as the context: llama.cpp holds raw pointers.
         self.py_callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)
-        fn = _filter_fn()
-        if fn is None:
+        self._lib = _filter_lib()
+        if self._lib is None:
             self.callback, self.user_data, self._filter = self.py_callback, None, None
         else:
             self._filter = _Filter(_NAME_OFF, self._prefix, len(self._prefix),
                                    ctypes.cast(self.py_callback, ctypes.c_void_p).value, None)
-            self.callback = llama_cpp.ggml_backend_sched_eval_callback(fn)
+            self.callback = llama_cpp.ggml_backend_sched_eval_callback(
+                ctypes.cast(self._lib.swapmoe_filter_eval, ctypes.c_void_p).value)
             self.user_data = ctypes.addressof(self._filter)
-        # short decode calls: router inputs copied in C (see _Capture)
+        # short decode calls: router inputs gathered in C (see _Capture)
         self._cap: _Capture | None = None
         self.capture_tokens = capture_tokens
         if self._filter is not None and router.layers and capture_tokens > 0:
             n_embd = router.w_t[router.layers[0]].shape[0]
-            self._cap = _Capture(self._filter, router.layers, n_embd, capture_tokens * max(1, capture_steps))
+            self._cap = _Capture(self._filter, router.layers, n_embd, capture_tokens, max(1, capture_steps),
+                                 redirect=redirect)
         self._capturing = False
         self._kernel = None if self._cap is None else ScoreKernel.load(
             router.w_t[router.layers[0]].shape[1], router.top_k, router.bias_rows, router.selection_rows)
@@ -350,7 +437,7 @@ class RouterTap:
         return (cap is not None and n_tokens <= self.capture_tokens and self.enabled and self.in_graph is None
                 and self.probed is None
                 and not self._filter.error  # type: ignore[union-attr]
-                and cap.filled + n_tokens <= cap.max_tok)
+                and cap.steps < cap.n_slots)
 
     @property
     def pending_steps(self) -> int:
@@ -375,14 +462,31 @@ class RouterTap:
         self._filter.capture = int(self._capturing)  # type: ignore[union-attr]
         if self._capturing:
             self.captured_steps += 1
+            self._filter.slot = cap.steps  # type: ignore[union-attr]
             cap.steps += 1
-            cap.filled += n_tokens
             cap.single &= n_tokens == 1
             if self.stride > 1 and n_tokens == 1:  # staggered: layer i on steps where (step + i) % stride == 0
                 np.equal((self.step + cap.rows) % self.stride, 0, out=cap.want.view(bool))
                 cap.want_all = False
             elif not cap.want_all:
                 cap.want[:] = cap.want_all = True
+
+    def end(self) -> None:
+        """Right after the decode call, also one that failed: the tensors the filter redirected point back
+        where llama.cpp's allocator put them (it may reuse the graph)."""
+        f = self._filter
+        if f is not None and f.n_moved:
+            self._lib.swapmoe_filter_restore(ctypes.addressof(f))  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """Free the device capture areas (after the context that may still point at them)."""
+        if self._cap is not None:
+            self._cap.close()
+
+    @property
+    def redirected_inputs(self) -> int:
+        """Router inputs the graph wrote into the capture area itself, summed (see _evalfilter.c)."""
+        return int(self._filter.redirected) if self._filter is not None else 0
 
     def take(self) -> RouterBatch | None:
         """After a decode call: the full model's routing of what it observed, when it is to be scored
@@ -422,33 +526,43 @@ class RouterTap:
         cap, f = self._cap, self._filter
         if cap is None or cap.steps == 0:
             return None
-        self.capture_seconds += f.copy_ns * 1e-9  # type: ignore[union-attr]
+        t0 = time.perf_counter()
+        steps = cap.steps
+        cap.read_devices(steps)
+        self.capture_seconds += f.copy_ns * 1e-9 + time.perf_counter() - t0  # type: ignore[union-attr]
         f.copy_ns = 0  # type: ignore[union-attr]
+        if f.missing_type:  # type: ignore[union-attr]  # a device met for the first time: its own area from now on
+            cap.add_device(f.missing_type)  # type: ignore[union-attr]
+            f.missing_type = None  # type: ignore[union-attr]
         if f.error == 1:  # type: ignore[union-attr]
             log.warning("router inputs of an unexpected type or shape: reading them in Python from now on")
             f.error = 2  # (said once; still non-zero: will_capture stays off)  # type: ignore[union-attr]
-        cap.steps = cap.filled = 0
-        cap.single = True
-        rows = np.flatnonzero(cap.n_tok)
+        single, cap.steps, cap.single = cap.single, 0, True
+        n_tok = cap.n_tok[:steps]                                                            # [steps, n_rows]
+        per_row = n_tok.sum(0)                                                               # [n_rows]
+        rows = np.flatnonzero(per_row)
         if rows.size == 0:
             return None
-        layers, specs, n_tok = self.router.layers, self.router.specs, cap.n_tok
-        key = [(specs[layers[r]], int(n_tok[r])) for r in rows]
+        layers, specs = self.router.layers, self.router.specs
+        key = [(specs[layers[r]], int(per_row[r])) for r in rows]
         one = len(set(key)) == 1
-        if sink is not None and one and len(rows) == len(layers) and self._kernel is not None \
-                and self.router.stack_t is not None and sink.layers == layers:
-            n = key[0][1]
-            x = cap.buf[:, :n]                                                               # [L, n, n_embd]
-            lg = np.matmul(x, self.router.stack_t)                                           # [L, n, N]
-            x_norm = np.sqrt(np.einsum("gij,gij->gi", x, x))                                 # [L, n]
-            hits = self._kernel.score(lg, x_norm, cap.rows, key[0][0], sink, *(masks or (None, None)))
+        try:
+            if single and one and len(rows) == len(layers):  # one token per step in every layer
+                x = cap.buf[:steps, :, 0].transpose(1, 0, 2)                               # [L, steps, n_embd]
+                if sink is not None and self._kernel is not None and self.router.stack_t is not None \
+                        and sink.layers == layers:
+                    lg = np.matmul(x, self.router.stack_t)                                   # [L, steps, N]
+                    x_norm = np.sqrt(np.einsum("gij,gij->gi", x, x))                         # [L, steps]
+                    hits = self._kernel.score(lg, x_norm, cap.rows, key[0][0], sink, *(masks or (None, None)))
+                    self.kernel_flushes += 1
+                    return RouterBatch([], scored=steps, hits=hits)
+                return RouterBatch([self.router.route_group(tuple(layers), np.ascontiguousarray(x))])
+            groups = []
+            for k in dict.fromkeys(key):
+                sel = [r for r, kk in zip(rows, key) if kk == k]
+                x = np.stack([np.concatenate([cap.buf[s, r, :n_tok[s, r]] for s in range(steps) if n_tok[s, r]])
+                              for r in sel])                                                 # [G, n, n_embd]
+                groups.append(self.router.route_group(tuple(layers[r] for r in sel), x))
+            return RouterBatch(groups)
+        finally:
             n_tok[:] = 0
-            self.kernel_flushes += 1
-            return RouterBatch([], scored=n, hits=hits)
-        groups = []
-        for k in dict.fromkeys(key):
-            sel = rows if one else rows[[i for i, kk in enumerate(key) if kk == k]]
-            x = cap.buf[sel, : k[1]] if len(sel) < len(layers) else cap.buf[:, : k[1]]   # [G, n, n_embd]
-            groups.append(self.router.route_group(tuple(layers[r] for r in sel), x))
-        n_tok[:] = 0
-        return RouterBatch(groups)

@@ -316,14 +316,17 @@ class SwapMoELlama(Llama):
         self._before_decode()
         self.tap.begin(batch.n_tokens)  # (after the commits: the captured steps' resident sets are known)
         t0 = time.perf_counter()
-        if run is not None:
-            run()
-        else:
-            rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
-            if rc == 1:
-                raise ContextFull("no room in the KV cache for this batch")
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
+        try:
+            if run is not None:
+                run()
+            else:
+                rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+                if rc == 1:
+                    raise ContextFull("no room in the KV cache for this batch")
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+        finally:
+            self.tap.end()  # redirected router inputs: pointers back before anything else reads the graph
         t1 = time.perf_counter()
         self._after_decode(batch.n_tokens, t1 - t0)
         if batch.n_tokens == 1:
@@ -547,6 +550,8 @@ class SwapMoELlama(Llama):
         self.pending = []
         if hasattr(self, "_stack"):  # Llama.__init__ ran
             super().close()
+        if hasattr(self, "tap"):  # (after the context: its graph may point into the tap's areas)
+            self.tap.close()
         if hasattr(self, "vmodel"):
             self.vmodel.close()
         if hasattr(self, "_rss"):
