@@ -146,7 +146,7 @@ def _browser():  # type: ignore[no-untyped-def]
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1440,900",
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1440,960",
               "--force-device-scale-factor=1"):
         opts.add_argument(a)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
@@ -217,7 +217,7 @@ def test_browser_chat_heatmap_and_budget():
         _js(driver, "document.getElementById('max_tokens').value = 96;"
                     "document.getElementById('temperature').value = 0;")
         r0 = _resident(driver)
-        assert len(r0) == 8 and all(len(x) == 8 for x in r0)  # 8 layers, 8 of 32 experts each
+        assert len(r0) == 6 and all(len(x) == 8 for x in r0)  # 6 MoE layers, 8 of 32 experts each
         reply = _ask(driver, "ROMEO.\nBut soft, what light through yonder window breaks? It is the east, "
                              "and Juliet is the sun.\nJULIET.\nO Romeo, Romeo, wherefore art thou Romeo?\n")
         assert reply.strip()
@@ -238,6 +238,8 @@ def test_browser_chat_heatmap_and_budget():
         _wait(driver, lambda d: d.find_element("id", "s-value").text == "12", 60, "S = 12 after the knob")
         assert "S 8 -> 12: model rebuilt" in driver.find_element("id", "knob-result").text
         _wait(driver, lambda d: all(len(x) == 12 for x in _resident(d)), 10, "12 resident experts per layer")
+        driver.find_element("id", "new-chat").click()
+        assert not driver.find_elements("css selector", ".msg")
         reply = _ask(driver, "HAMLET.\nTo be, or not to be, that is the question:\n")
         shot = os.environ.get("SWAPMOE_WEBUI_SCREENSHOT")
         if shot:

@@ -153,7 +153,7 @@ async function send(ev) {
         if (tFirst === null) tFirst = performance.now();
         reply += delta.content;
         pieces += 1;
-        body.textContent = reply;
+        body.textContent = reply.replace(/^\s+/, '');  // (the history keeps it as sent)
         div.scrollIntoView({ block: 'end' });
       }
     }
@@ -306,7 +306,8 @@ function drawHeatmap(st) {
   const rows = st.layers.length, cols = st.n_expert;
   const labelW = 34, top = 14;
   const cell = Math.max(3, Math.min(18, Math.floor((c.clientWidth - labelW) / cols)));
-  c.setAttribute('height', String(top + rows * cell + 4));
+  const cellH = rows <= 12 ? Math.min(26, Math.round(cell * 1.4)) : cell;  // few layers: taller rows
+  c.setAttribute('height', String(top + rows * cellH + 4));
   const [g, w, h] = canvasSize(c);
   const css = getComputedStyle(document.documentElement);
   const color = (v) => css.getPropertyValue(v).trim();
@@ -317,9 +318,9 @@ function drawHeatmap(st) {
   for (let e = 0; e < cols; e += cols > 32 ? 8 : 4) g.fillText(String(e), labelW + e * cell, 6);
   const now = performance.now();
   st.layers.forEach((l, i) => {
-    const y = top + i * cell;
+    const y = top + i * cellH;
     g.fillStyle = color('--dim');
-    g.fillText('L' + l, 2, y + cell / 2);
+    g.fillText('L' + l, 2, y + cellH / 2);
     const res = new Set(st.resident[i]), hot = new Set(st.hot[i]), loading = new Set(st.loading[i]);
     const score = st.scores ? st.scores[i] : null;
     for (let e = 0; e < cols; e += 1) {
@@ -335,13 +336,13 @@ function drawHeatmap(st) {
         g.globalAlpha = 1;
         g.fillStyle = color('--missing');
       }
-      g.fillRect(x, y, cell - 1, cell - 1);
+      g.fillRect(x, y, cell - 1, cellH - 1);
       g.globalAlpha = 1;
       const t = ui.fresh.get(l + ':' + e);
       if (t !== undefined && now - t < 2500) {
         g.strokeStyle = color('--fresh');
         g.lineWidth = 1.5;
-        g.strokeRect(x + 0.75, y + 0.75, cell - 2.5, cell - 2.5);
+        g.strokeRect(x + 0.75, y + 0.75, cell - 2.5, cellH - 2.5);
       }
     }
   });
