@@ -183,8 +183,9 @@ def _ask(driver, text: str) -> str:
     driver.find_element("id", "send").click()
     n = len(driver.find_elements("css selector", ".msg.assistant"))
     _wait(driver, lambda d: len(d.find_elements("css selector", ".msg.assistant .meta")) >= n, 120, "the reply")
+    # shown while it came: a part of it on the page before the whole (chunks may share a read)
     lens = [x for x in _js(driver, "return window.__lens;") if x > 0]
-    assert len(set(lens)) >= 3 and lens == sorted(lens), f"the reply did not stream: lengths seen {lens}"
+    assert len(set(lens)) >= 2 and lens == sorted(lens), f"the reply did not stream: lengths seen {lens}"
     return driver.find_elements("css selector", ".msg.assistant .body")[-1].text
 
 

@@ -36,7 +36,8 @@ class LiveState:
         self.changing = False         # a budget change is rebuilding the model
         self.last: dict[str, Any] | None = None
         self.tau: float | None = None  # τ set live (None: the runtime's own)
-        self.tau_live = floor_of(core.llm) is not None  # a floor to tune: started with --max-dropped-mass < 1
+        # a floor to tune: started with --max-dropped-mass below 1 (swapmoe builds one whenever S < n_expert)
+        self.tau_live = core.llm.max_dropped_mass < 1.0
 
     def tau_now(self) -> float:
         llm = self.core._llm if not self.core.sleeping else None

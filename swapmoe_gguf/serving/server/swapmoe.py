@@ -58,7 +58,8 @@ def router(core: Core) -> APIRouter:
                 live.changing = False
         if tau is not None:
             live.tau = float(tau)
-        await asyncio.get_running_loop().run_in_executor(None, core.engine.call, live.apply_tau)
+        if live.tau is not None:  # (a rebuilt policy starts from the start's τ)
+            await asyncio.get_running_loop().run_in_executor(None, core.engine.call, live.apply_tau)
         seconds = time.perf_counter() - t0
         t, m = llm.telemetry(), llm.memory
         s = t.slots
