@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -115,6 +116,22 @@ def test_quality_floor_changes_live(tiny_gguf):
         s.stop()
 
 
+def test_state_does_not_wake_a_sleeping_model(tiny_gguf):
+    """The page polls /swapmoe/state: that must not keep the model loaded (--sleep-idle-seconds)."""
+    s = Serving(tiny_gguf, "--experts-per-layer", "3", "--sleep-idle-seconds", "1")
+    try:
+        awake = http("GET", s.url + "/swapmoe/state").json()
+        assert awake["sleeping"] is False
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not http("GET", s.url + "/swapmoe/state").json()["sleeping"]:
+            time.sleep(0.1)  # polled all along, as the page does
+        st = http("GET", s.url + "/swapmoe/state").json()
+        assert st["sleeping"] is True and st["resident"] == awake["resident"] and st["scores"] is None
+        assert http("GET", s.url + "/props").json()["is_sleeping"]
+    finally:
+        s.stop()
+
+
 def test_no_ui_turns_the_page_off(tiny_gguf):
     s = Serving(tiny_gguf, "--experts-per-layer", "3", "--no-ui")
     try:
@@ -150,6 +167,16 @@ def _browser():  # type: ignore[no-untyped-def]
               "--force-device-scale-factor=1"):
         opts.add_argument(a)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="cannot run under CI: /nonexistent/chromium missing"):
+        _browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no browser: /nonexistent/chromium missing"):
+        _browser()
 
 
 def _wait(driver, cond, timeout: float = 60, what: str = ""):  # type: ignore[no-untyped-def]

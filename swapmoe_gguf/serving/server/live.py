@@ -3,8 +3,8 @@
 Read-only: public attributes of the runtime (its telemetry, the slot map, the swaps in flight, the
 scheduler's scores), read from the server's thread while the engine decodes. Each value is read
 once and copied; a reading taken mid-step may mix two steps, which a display tolerates. While a
-budget change rebuilds the model the runtime is not read at all: the last state is answered, marked
-`changing` (the old model is being freed then).
+budget change rebuilds the model (or the model goes to sleep or wakes) the runtime is not read at
+all: the last state is answered (marked `changing` during a budget change).
 
 An expert of a layer is, in the heatmap's terms:
 - resident: in one of the layer's S slots;
@@ -54,8 +54,8 @@ class LiveState:
 
     def read(self) -> dict[str, Any]:
         core = self.core
-        if self.changing and self.last is not None:
-            return {**self.last, "changing": True, "time": time.time()}
+        if (self.changing or core.in_transition) and self.last is not None:
+            return {**self.last, "changing": self.changing, "time": time.time()}
         t = core.telemetry()
         out: dict[str, Any] = {
             "model": core.alias, "policy": core.policy_name, "n_expert": core.meta["n_expert"],
