@@ -70,8 +70,6 @@ REASONS = {
     "test_proxy::": "the web UI's MCP CORS proxy (--ui-mcp-proxy): not offered, the flag is refused; without it "
         "/cors-proxy answers 403 as llama-server's does (test_mcp_no_proxy passes)",
     "test_security::test_cors_proxy_only": "the same MCP CORS proxy (--ui-mcp-proxy): not offered",
-    "test_security::test_access_static_assets_without_api_key": "the web UI's static files (/sw.js, ...): "
-        "no web UI ships; / answers with a page naming the APIs",
     "test_sleep::test_server_sleep_read_only_endpoints": "llama-server serves, while asleep, the metrics text "
         "of the moment it fell asleep; here `swapmoe_resident_bytes` reports the memory the process holds now "
         "(lower: the model is freed), so the text differs",

@@ -125,7 +125,7 @@ class ServerSettings:
     chat_template: str | None = None    # a template name (chatml, llama3, ...) or Jinja text
     chat_template_file: str | None = None
     n_predict: int = -1                 # default when a request gives none (-1: no limit)
-    ui: bool = True                     # "/" answers with a page (no web UI ships; --no-ui: 404)
+    ui: bool = True                     # the web page at "/" (server/webui.py; --no-ui: 404)
     verbose: bool = False               # responses carry llama-server's "__verbose" object
     tags: tuple[str, ...] = ()
     reasoning: str = "auto"             # on | off | auto: the templates' enable_thinking
@@ -216,7 +216,6 @@ def sampling_settings(ns: argparse.Namespace) -> SamplingSettings:
 # llama-server flags accepted for compatibility that change nothing here, and why
 _NO_EFFECT = {
     "--cont-batching": "continuous batching is always on", "-cb": "continuous batching is always on",
-    "--no-webui": "there is no web UI",
     "--no-context-shift": "context shift is off unless --context-shift",
     "--no-warmup": "no warm-up run is made",
     "--backend-sampling": "sampling runs on the CPU here, with the same probabilities",
@@ -259,8 +258,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "(-1: never)")
     g.add_argument("--slot-save-path", default=None, metavar="DIR",
                    help="folder where /slots/{id}?action=save|restore keep slot KV caches (off by default)")
-    g.add_argument("--no-ui", dest="ui", action="store_false", default=True,
-                   help="no page at / (there is no web UI; / only names the APIs)")
+    g.add_argument("--ui", "--webui", dest="ui", action="store_true", default=True,
+                   help="the web page at / (default): a chat and the Virtual Experts live")
+    g.add_argument("--no-ui", "--no-webui", dest="ui", action="store_false", help="no web page at /")
     g.add_argument("--tags", default=None, help="comma-separated tags reported by /v1/models")
     g.add_argument("--verbose", dest="server_verbose", action="store_true",
                    help="responses carry llama-server's __verbose object (the prompt as formatted)")

@@ -6,7 +6,8 @@ Experts runtime. One module per API family over one generation core (core.py, ..
     responses.py  /v1/responses (OpenAI's Responses API)
     anthropic.py  /v1/messages, /v1/messages/count_tokens
     ollama.py     /api/chat, /api/generate, /api/tags, /api/show, ...
-    swapmoe.py    /swapmoe/budget
+    swapmoe.py    /swapmoe/budget, /swapmoe/state (live.py)
+    webui.py      the web page at / (static/), as llama-server's UI paths
     vertex.py     /predict (Google Vertex AI, with AIP_MODE=PREDICTION)
 """
 from ..settings import ServerSettings

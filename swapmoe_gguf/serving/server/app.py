@@ -7,32 +7,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import html
 import logging
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from ...base.errors import SwapMoEError
 from ..settings import SamplingSettings
 from ..settings import ServerSettings
-from . import anthropic, native, ollama, openai, responses, swapmoe, vertex
+from . import anthropic, native, ollama, openai, responses, swapmoe, vertex, webui
 from .core import APIError, Core, error_body
 from .guard import PUBLIC_PATHS, Guard  # noqa: F401  (PUBLIC_PATHS: re-exported)
 
 log = logging.getLogger(__name__)
-
-
-# no web UI ships here: "/" says what the server is and where its APIs are (`--no-ui`: 404)
-_INDEX = """<!doctype html>
-<html><head><meta charset="utf-8"><title>swapmoe-gguf</title></head><body>
-<h1>swapmoe-gguf: {alias}</h1>
-<p>A llama-server-compatible API on a Mixture-of-Experts model under a memory budget. There is no web UI;
-point a client at <code>/v1</code> (OpenAI), <code>/v1/messages</code> (Anthropic) or <code>/api</code> (Ollama).</p>
-</body></html>
-"""
 
 
 def _json_error(e: APIError) -> JSONResponse:
@@ -56,7 +45,7 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
     app = FastAPI(title="swapmoe-gguf", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.core, app.state.max_body_bytes = core, s.max_body_bytes
     app.add_middleware(Guard, keys=s.api_key, origins=",".join(s.cors_origins) or "*",
-                       max_body=s.max_body_bytes, public_root=s.ui)
+                       max_body=s.max_body_bytes, public=webui.public_paths(s.ui))
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -72,11 +61,7 @@ def create_app(llm: Any, settings: ServerSettings | None = None, sampling: Sampl
     async def swapmoe_error(_: Request, e: SwapMoEError) -> JSONResponse:
         return _json_error(APIError(400, str(e)))
 
-    if s.ui:
-        @app.get("/")
-        async def index() -> HTMLResponse:
-            return HTMLResponse(_INDEX.format(alias=html.escape(core.alias)))
-
+    app.include_router(webui.router(core, s.ui))  # the page at / (--no-ui: none)
     for family in (native, openai, responses, anthropic, ollama, swapmoe):
         app.include_router(family.router(core))
     if vertex.enabled():  # AIP_MODE=PREDICTION: Vertex AI's /predict over the routes above

@@ -106,6 +106,11 @@ class Core:
             probe.close()
 
     @property
+    def in_transition(self) -> bool:
+        """The model is being freed (going to sleep) or loaded again (waking): not to be read now."""
+        return self._lock.locked()
+
+    @property
     def policy_name(self) -> str:
         """The residency policy now (a budget change may switch it); does not wake."""
         return self.meta["policy"] if self.sleeping else self._llm.policy_name

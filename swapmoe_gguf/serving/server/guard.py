@@ -5,7 +5,7 @@ client that hangs up, so a dropped non-streaming request would run to its end).
 - CORS as llama-server: origins "*" echo the caller's origin (with credentials), "localhost" echoes
   only local origins, anything else is sent as given; a preflight (OPTIONS) is answered here, without
   a key. Header names keep llama-server's case.
-- API keys: every path but /health (and the / page) needs `Authorization: Bearer KEY` or
+- API keys: every path but /health (and the web page's files, webui.py) needs `Authorization: Bearer KEY` or
   `X-Api-Key: KEY`, compared in constant time.
 - Request bodies above the limit are refused from their Content-Length.
 """
@@ -33,9 +33,10 @@ def is_local(origin: str) -> bool:
 
 
 class Guard:
-    def __init__(self, app: ASGI, keys: tuple[str, ...], origins: str, max_body: int, public_root: bool):
+    def __init__(self, app: ASGI, keys: tuple[str, ...], origins: str, max_body: int,
+                 public: frozenset[str] = frozenset()):
         self.app, self.keys, self.origins, self.max_body = app, [k.encode() for k in keys], origins, max_body
-        self.public_root = public_root
+        self.public = PUBLIC_PATHS | public
 
     def _allow(self, headers: dict[bytes, bytes]) -> bytes:
         origin = headers.get(b"origin", b"")
@@ -56,7 +57,7 @@ class Guard:
                 (b"Access-Control-Allow-Credentials", b"true"),
                 (b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS"), (b"Access-Control-Allow-Headers", b"*")])
         path = scope.get("path", "")
-        if self.keys and path not in PUBLIC_PATHS and not (self.public_root and path == "/"):
+        if self.keys and path not in self.public:
             given = headers.get(b"authorization", b"") or headers.get(b"x-api-key", b"")
             given = given[7:] if given[:7].lower() == b"bearer " else given
             if not any(hmac.compare_digest(given, k) for k in self.keys):
