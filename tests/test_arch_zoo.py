@@ -138,12 +138,14 @@ def test_swapmoe_and_static_run(runs, name):
 
 @pytest.mark.parametrize("name", _params("swapmoe"))
 def test_scheduler_reads_in_c_as_in_python(runs, name):
-    """Decode steps whose router inputs the C filter copies and the scheduler scores every F steps
-    give what reading them in Python on every step gives: the same swaps, the same logits, the same
-    importance scores up to float rounding (the router matmul over F tokens rounds the last bits
-    differently from one token's), the same hit rate."""
+    """Decode steps whose router inputs the graph writes into the tap's capture area (redirected by the
+    C filter) and the scheduler scores every F steps in C give what reading them in Python on every
+    step gives: the same swaps, the same logits (redirecting changes nothing the graph computes), the
+    same importance scores up to float rounding (the router matmul over F tokens rounds the last bits
+    differently from one token's; the kernel's softmax too), the same hit rate."""
     c, py = runs.probe(name, "decode-c"), runs.probe(name, "decode-py")
     assert c["info"]["captured"] > 0 and py["info"]["captured"] == 0
+    assert c["info"]["redirected"] > 0
     assert c["info"]["swaps"] == py["info"]["swaps"]
     for a, b in zip(c["logits"], py["logits"]):
         assert np.array_equal(a, b)

@@ -564,7 +564,7 @@ def _decode_main(mode: str, gguf: str, out: str) -> None:
         t = llm.telemetry()
         arrays[f"p{i}"] = np.stack(steps)
         arrays[f"s{i}"] = llm.policy.scheduler.scores.copy()
-    info = {"hit_rate": t.hit_rate, "captured": llm.tap.captured_steps, "swaps": swaps}
+    info = {"hit_rate": t.hit_rate, "captured": llm.tap.captured_steps, "redirected": llm.tap.redirected_inputs, "swaps": swaps}
     llm.close()
     tmp = out + ".tmp.npz"
     np.savez(tmp, info=json.dumps(info), **arrays)
