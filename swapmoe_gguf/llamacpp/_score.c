@@ -13,6 +13,7 @@
  * Compiled into the same shared library as _evalfilter.c; called through ctypes.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -84,9 +85,9 @@ static void softmax(const float *in, float *out, int n) {
 
 /* One token of one layer: selected experts and their weights (routing.py `route`). */
 static void route_one(const struct swapmoe_score_args *a, const float *lg_in, const float *bias,
-                      const float *sel_bias, int *sel_out, float *w_out) {
+                      const float *sel_bias, int *sel_out, float *w_out, float *scratch) {
     const int N = a->n_expert, k = a->k;
-    float lg[MAX_EXPERT], probs[MAX_EXPERT], rank[MAX_EXPERT];
+    float *lg = scratch, *probs = scratch + N, *rank = scratch + 2 * N; /* (heap: large stack frames are probed) */
     for (int i = 0; i < N; i++) lg[i] = bias ? lg_in[i] + bias[i] : lg_in[i];
     switch (a->func) {
     case FUNC_SOFTMAX: softmax(lg, probs, N); break;
@@ -102,8 +103,8 @@ static void route_one(const struct swapmoe_score_args *a, const float *lg_in, co
         rank[i] = a->use_sel_bias && sel_bias ? v + sel_bias[i] : v;
     }
     if (a->n_group > 1) { /* keep the n_group_used groups with the best sum of their top-2 */
-        int per = N / a->n_group, top = per < 2 ? per : 2, keep[MAX_EXPERT];
-        float gs[MAX_EXPERT];
+        int per = N / a->n_group, top = per < 2 ? per : 2, keep[MAX_K];
+        float *gs = scratch + 3 * N;
         for (int g = 0; g < a->n_group; g++) {
             int best[2];
             top_k(rank + g * per, per, top, best);
@@ -138,12 +139,18 @@ void swapmoe_score(struct swapmoe_score_args *a) {
     const int G = a->n_group_layers, n = a->n_tok, N = a->n_expert, k = a->k;
     a->error = 0;
     if (N <= 0 || N > MAX_EXPERT || k <= 0 || k > MAX_K || k > N || n <= 0 || G <= 0
-        || (a->n_group > 1 && (N % a->n_group || a->n_group_used <= 0 || a->n_group_used > a->n_group))) {
+        || (a->n_group > 1 && (N % a->n_group || a->n_group_used <= 0 || a->n_group_used > a->n_group
+                               || a->n_group_used > MAX_K))) {
         a->error = 1;
         return;
     }
     const double *w_tok = a->decay_tok, keep = a->decay_all;
-    double contrib[MAX_EXPERT];
+    double *contrib = malloc(sizeof(double) * N + sizeof(float) * 4 * N);
+    float *scratch = (float *)(contrib + N);
+    if (contrib == NULL) {
+        a->error = 1;
+        return;
+    }
     int sel[MAX_K];
     float w[MAX_K];
     for (int g = 0; g < G; g++) {
@@ -152,7 +159,7 @@ void swapmoe_score(struct swapmoe_score_args *a) {
         const float *sel_bias = a->sel_bias ? a->sel_bias + r * N : NULL;
         memset(contrib, 0, sizeof(double) * N);
         for (int t = 0; t < n; t++) {
-            route_one(a, a->logits + ((size_t)g * n + t) * N, bias, sel_bias, sel, w);
+            route_one(a, a->logits + ((size_t)g * n + t) * N, bias, sel_bias, sel, w, scratch);
             const float xn = a->x_norm[(size_t)g * n + t];
             float wsum = 0.0f, hsum = 0.0f;
             const uint8_t *m = a->masks ? a->masks + ((size_t)a->mask_of_token[t] * (size_t)a->n_rows + (size_t)r) * N
@@ -173,4 +180,5 @@ void swapmoe_score(struct swapmoe_score_args *a) {
         const double *nrm = a->norms + r * N;
         for (int i = 0; i < N; i++) s[i] = s[i] * keep + contrib[i] * nrm[i];
     }
+    free(contrib);
 }

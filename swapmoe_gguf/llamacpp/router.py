@@ -347,6 +347,8 @@ class RouterTap:
         self.capture_seconds = 0.0  # spent copying router inputs in C, summed
         self.captured_steps = 0  # decode calls whose router inputs were copied in C, summed
         self.kernel_flushes = 0  # flushes the C kernel scored in place
+        self._spec_key: tuple | None = None
+        self._spec: GatingSpec | None = None
 
     # probing llama.cpp's routing graph ---------------------------------------------------------
     def start_probe(self) -> None:
@@ -471,6 +473,14 @@ class RouterTap:
             elif not cap.want_all:
                 cap.want[:] = cap.want_all = True
 
+    def _uniform_spec(self) -> GatingSpec | None:
+        """The gating spec every layer shares (None: they differ), cached per router and probe."""
+        key = (id(self.router), id(self.router.specs), tuple(map(id, self.router.specs.values())))
+        if self._spec_key != key:
+            specs = set(self.router.specs.values())
+            self._spec_key, self._spec = key, (next(iter(specs)) if len(specs) == 1 else None)
+        return self._spec
+
     def end(self) -> None:
         """Right after the decode call, also one that failed: the tensors the filter redirected point back
         where llama.cpp's allocator put them (it may reuse the graph)."""
@@ -537,26 +547,26 @@ class RouterTap:
         if f.error == 1:  # type: ignore[union-attr]
             log.warning("router inputs of an unexpected type or shape: reading them in Python from now on")
             f.error = 2  # (said once; still non-zero: will_capture stays off)  # type: ignore[union-attr]
-        single, cap.steps, cap.single = cap.single, 0, True
+        aligned, cap.steps, cap.single = cap.single and cap.want_all, 0, True
         n_tok = cap.n_tok[:steps]                                                            # [steps, n_rows]
-        per_row = n_tok.sum(0)                                                               # [n_rows]
-        rows = np.flatnonzero(per_row)
-        if rows.size == 0:
-            return None
         layers, specs = self.router.layers, self.router.specs
-        key = [(specs[layers[r]], int(per_row[r])) for r in rows]
-        one = len(set(key)) == 1
         try:
-            if single and one and len(rows) == len(layers):  # one token per step in every layer
+            spec = self._uniform_spec()
+            if aligned and spec is not None and n_tok.all():  # one token per step in every layer, one gating
                 x = cap.buf[:steps, :, 0].transpose(1, 0, 2)                               # [L, steps, n_embd]
                 if sink is not None and self._kernel is not None and self.router.stack_t is not None \
                         and sink.layers == layers:
                     lg = np.matmul(x, self.router.stack_t)                                   # [L, steps, N]
                     x_norm = np.sqrt(np.einsum("gij,gij->gi", x, x))                         # [L, steps]
-                    hits = self._kernel.score(lg, x_norm, cap.rows, key[0][0], sink, *(masks or (None, None)))
+                    hits = self._kernel.score(lg, x_norm, cap.rows, spec, sink, *(masks or (None, None)))
                     self.kernel_flushes += 1
                     return RouterBatch([], scored=steps, hits=hits)
                 return RouterBatch([self.router.route_group(tuple(layers), np.ascontiguousarray(x))])
+            per_row = n_tok.sum(0)                                                           # [n_rows]
+            rows = np.flatnonzero(per_row)
+            if rows.size == 0:
+                return None
+            key = [(specs[layers[r]], int(per_row[r])) for r in rows]
             groups = []
             for k in dict.fromkeys(key):
                 sel = [r for r, kk in zip(rows, key) if kk == k]
