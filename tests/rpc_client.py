@@ -45,7 +45,7 @@ def greedy(llm, tokens: list[int], n: int) -> list[int]:  # type: ignore[no-unty
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=("full", "swap", "policies", "generate"))
+    p.add_argument("scenario", choices=("full", "swap", "policies", "generate", "tap"))
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--rpc", default=None)
@@ -105,6 +105,29 @@ def main() -> None:
             res[f"{name}_tokens"] = np.array(greedy(llm, toks, 16))
             res[f"{name}_swaps"] = llm.telemetry().swaps
             llm.close()
+    elif a.scenario == "tap":  # swapmoe, teacher-forced: its swaps and logits (the router tap on this device)
+        from swapmoe_gguf.residency.scheduler import SchedulerConfig
+
+        llm = build(a, policy="swapmoe", experts_per_layer=4,
+                    scheduler=SchedulerConfig(interval=4, quota=1, prior_weight=0.0))
+        swaps: list[tuple[int, int, int]] = []
+        request, before = llm.request_swap, llm._before_decode
+        llm.request_swap = lambda l, s, e: (swaps.append((l, s, e)), request(l, s, e))[1]
+        llm._before_decode = lambda: (llm.apply_pending(wait=True), before())[1]  # swaps not timing-dependent
+        toks = llm.tokenize(PROMPT, add_bos=True)
+        llm.eval(toks[:6])
+        logits = []
+        for t in toks[6:]:
+            llm.eval([t])
+            logits.append(np.array(llm.scores[llm.n_tokens - 1]))
+        llm.score_pending()
+        res["swaps"] = np.array(swaps)
+        res["logits"] = np.stack(logits)
+        res["scores"] = llm.policy.scheduler.scores.copy()
+        res["redirected"] = llm.tap.redirected_inputs
+        res["device_areas"] = len(llm.tap._cap.devices) if llm.tap._cap is not None else 0
+        res["kernel_flushes"] = llm.tap.kernel_flushes
+        llm.close()
     elif a.scenario == "generate":  # long generation: the test kills the server in the middle
         llm = build(a, policy="swapmoe", experts_per_layer=4)
         toks = llm.tokenize(PROMPT, add_bos=True)

@@ -144,6 +144,20 @@ def test_policies_on_rpc(servers, tmp_path):
     assert len(r["swapmoe_tokens"]) == 16 and len(r["static_tokens"]) == 16 and int(r["static_swaps"]) == 0
 
 
+def test_router_tap_on_rpc_reads_the_device_once_per_flush(servers, tmp_path):
+    """On the device the graph writes each layer's router input into a capture area in the device's
+    memory (read once per flush, no per-layer synchronisation): swapmoe makes the CPU's swaps and
+    gives its logits bit for bit, and scores agree to float rounding."""
+    srv = servers()
+    dev = client(tmp_path, "tap", "--rpc", srv.endpoint, "--ngl", "99")
+    cpu = client(tmp_path, "tap")
+    assert int(dev["device_areas"]) == 1 and int(cpu["device_areas"]) == 0
+    assert int(dev["redirected"]) > 0 and int(dev["kernel_flushes"]) > 0
+    assert len(cpu["swaps"]) > 0 and np.array_equal(dev["swaps"], cpu["swaps"])
+    assert np.array_equal(dev["logits"], cpu["logits"])
+    np.testing.assert_allclose(dev["scores"], cpu["scores"], rtol=1e-6)
+
+
 def test_rpc_server_memory_stays_within_vram_budget(servers, tmp_path):
     srv = servers()
     before = srv.rss()
