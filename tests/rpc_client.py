@@ -45,7 +45,7 @@ def greedy(llm, tokens: list[int], n: int) -> list[int]:  # type: ignore[no-unty
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=("full", "swap", "policies", "generate", "tap"))
+    p.add_argument("scenario", choices=("full", "swap", "policies", "generate", "tap", "rebudget"))
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--rpc", default=None)
@@ -127,6 +127,19 @@ def main() -> None:
         res["redirected"] = llm.tap.redirected_inputs
         res["device_areas"] = len(llm.tap._cap.devices) if llm.tap._cap is not None else 0
         res["kernel_flushes"] = llm.tap.kernel_flushes
+        llm.close()
+    elif a.scenario == "rebudget":  # a live budget change keeps S within --vram-budget
+        from swapmoe_gguf.residency.budget import BudgetError
+
+        llm = build(a, policy="swapmoe", experts_per_layer=4)
+        res["cap"] = llm.placement.device.max_slots(llm.vmodel.n_expert)
+        res["after_host_100"] = llm.set_budget("100%")
+        try:
+            llm.set_budget(None, experts_per_layer=int(res["cap"]) + 1)
+            res["refused"] = ""
+        except BudgetError as e:
+            res["refused"] = str(e)
+        res["after_refusal"] = llm.vmodel.slots
         llm.close()
     elif a.scenario == "generate":  # long generation: the test kills the server in the middle
         llm = build(a, policy="swapmoe", experts_per_layer=4)

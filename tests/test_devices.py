@@ -184,6 +184,18 @@ def test_rpc_server_memory_stays_within_vram_budget(servers, tmp_path):
     assert 0 < weights <= used <= budget, (weights, used, budget)
 
 
+def test_a_live_budget_change_stays_within_vram_budget(servers, tmp_path):
+    """set_budget (the server's live knob) lowers S to what --vram-budget admits, and refuses an
+    explicit S above it in one line, keeping the old one."""
+    srv = servers()
+    r = client(tmp_path, "rebudget", "--rpc", srv.endpoint, "--ngl", "99", "--vram-budget", "48MiB")
+    cap = int(r["cap"])
+    assert 4 <= cap < 32
+    assert int(r["after_host_100"]) == cap  # the host budget alone would admit all 32
+    assert f"admits at most {cap} on the device" in str(r["refused"])
+    assert int(r["after_refusal"]) == cap
+
+
 def test_vram_budget_too_small_says_which_part_and_by_how_much(servers):
     srv = servers()
     r = run_cli("chat", "--rpc", srv.endpoint, "-ngl", "99", "--vram-budget", "1MiB", "-p", "hi", timeout=120)

@@ -30,6 +30,12 @@ class DevicePlan:
     def total(self, slots: int | None = None) -> int:
         return self.weights + self.kv_cache + self.compute + (self.slots if slots is None else slots) * self.per_slot
 
+    def max_slots(self, n_expert: int) -> int:
+        """The most experts per layer `limit` admits on the device (n_expert when unlimited or none are there)."""
+        if self.limit is None or self.per_slot == 0:
+            return n_expert
+        return max(0, min(n_expert, (self.limit - self.total(0)) // self.per_slot))
+
     def parts(self, slots: int | None = None) -> str:
         n = self.slots if slots is None else slots
         return (f"weights {fmt(self.weights)} + KV cache {fmt(self.kv_cache)} + compute buffers "

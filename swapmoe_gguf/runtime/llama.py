@@ -15,6 +15,7 @@ process.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
@@ -30,12 +31,12 @@ from ..base.errors import ContextFull, LayoutError, SwapMoEError
 from ..fileformat.reader import read_gguf
 from ..llamacpp.expert_compute import WEIGHT_NODES, ExpertFFN, ffn_spec
 from ..llamacpp.router import FullRouter, RouterBatch, RouterTap
-from ..llamacpp.scoring import token_masks
 from ..llamacpp.routing import hit_shares
+from ..llamacpp.scoring import token_masks
 from ..llamacpp.vmodel import VirtualExpertModel
 from ..planning import calib_cache
 from ..planning.planner import Plan
-from ..residency.budget import Budget, BudgetError, MemoryPlan, estimate, parse_budget, plan_slots
+from ..residency.budget import Budget, BudgetError, MemoryPlan, estimate, fmt, parse_budget, plan_slots
 from ..residency.calibration import CALIB_SECONDS, calib_chunk, calibrate, ranking
 from ..residency.policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy
 from ..residency.protocols import ResidencyPolicy
@@ -467,6 +468,15 @@ class SwapMoELlama(Llama):
                         streams=self.requested_policy == "exact" or self.max_dropped_mass < 1.0,
                         capture_tokens=self._capture[0] * self._capture[1])
         new = plan_slots(mem0, budget, experts_per_layer)
+        dev = self.placement.device
+        if dev is not None and new.slots > dev.max_slots(vm.n_expert):  # --vram-budget still holds
+            cap = dev.max_slots(vm.n_expert)
+            if experts_per_layer is not None:
+                raise BudgetError(f"{experts_per_layer} experts per layer: --vram-budget {fmt(dev.limit or 0)} admits "
+                                  f"at most {cap} on the device")
+            log.info("--vram-budget %s: %d experts per layer on the device (the host budget admits %d)",
+                     fmt(dev.limit or 0), cap, new.slots)
+            new = dataclasses.replace(new, slots=cap)
         self.budget_bytes = budget.resolve(mem0.total(mem0.n_expert)) if budget else None
         if new.slots == vm.slots:
             self.memory = new
