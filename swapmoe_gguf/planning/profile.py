@@ -66,6 +66,11 @@ class DeviceProfile:
         return max(self.swap_ms, self.commit_ms)
 
     @property
+    def upload_mb_s(self) -> float:
+        """RAM -> slot bandwidth (a commit: `ggml_backend_tensor_set` into the slot's buffer)."""
+        return self.expert_bytes / (max(self.commit_ms, 1e-6) * 1e3) if self.expert_bytes else 0.0
+
+    @property
     def read_ms(self) -> float:
         return self.expert_bytes / (self.read_mb_s * 1e6) * 1e3
 
@@ -213,6 +218,16 @@ def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_laye
                          round(statistics.median(commit_ms), 4), {s: round(v, 4) for s, v in decode.items()},
                          round(prefill, 1), round(time.perf_counter() - t_start, 2), round(swap_ms, 4),
                          round(tap_ms, 4))
+
+
+def cached_profile(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0) -> DeviceProfile | None:
+    """The cached profile of this model on this machine, or None (nothing is measured)."""
+    path = profile_path(info, threads, n_gpu_layers)
+    try:
+        prof = DeviceProfile.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return prof if prof.version == PROFILE_VERSION and prof.fingerprint == model_fingerprint(info.path) else None
 
 
 def load_or_measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_layers: int = 0,
