@@ -281,3 +281,27 @@ def test_an_explicit_tier_comes_out_of_the_budget_before_the_slots():
 
     assert plan_slots(replace(mem, ram_tier=3 * mem.per_slot), budget, None).slots == 5
     assert replace(mem, ram_tier=7).full == mem.full  # a percentage budget is of the tier-less total
+
+
+def test_plan_splits_the_budgets_and_says_why(synth):
+    from swapmoe_gguf.planning.planner import Plan, make_plan, render
+    from swapmoe_gguf.planning.profile import DeviceProfile, model_fingerprint
+
+    info = read_gguf(synth)
+    prof = DeviceProfile(1, str(info.path), model_fingerprint(info.path), "test", 2, 99, info.expert_bytes // 2,
+                         200.0, 0.02, {4: 5.0, 8: 5.1}, 500.0, 0.0, 0.0, 0.0)
+    kw = dict(n_ctx=64, threads=2, baseline=50 << 20)
+    mem = estimate(info, n_ctx=64, n_batch=64, baseline=50 << 20)
+    budget = Budget(nbytes=mem.total(16))
+    host = make_plan(info, prof, budget, **kw)                       # slots in host memory: no tier
+    dev = make_plan(info, prof, budget, device_slots=6, **kw)        # the device bounds S: the host rest is the tier
+    assert host.ram_tier_bytes == 0 and host.experts_per_layer == 16
+    assert dev.experts_per_layer == 6 and dev.ram_tier_bytes == 10 * mem.per_slot
+    text = render(dev)
+    assert "RAM tier:" in text and "the device budget admits S=6" in text and "faster than from disk" in text
+    assert Plan.from_json(dev.to_json()) == dev
+    # the tier spares the read thread: more swaps fit the same share of decoding
+    none = make_plan(info, prof, budget, device_slots=6, ram_tier=0, **kw)
+    assert none.ram_tier_bytes == 0 and dev.swaps_per_token >= none.swaps_per_token and dev.io_share < none.io_share
+    explicit = make_plan(info, prof, budget, ram_tier="25%", **kw)  # asked for: it comes out of the host budget
+    assert explicit.ram_tier_bytes == 4 * mem.per_slot and explicit.experts_per_layer == 12
