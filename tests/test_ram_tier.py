@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from test_devices import servers  # noqa: F401 - the RPC server fixture
 from swapmoe_gguf.converters.synthetic import SyntheticShape, write_synthetic_moe
 from swapmoe_gguf.fileformat.reader import read_gguf
 from swapmoe_gguf.planning.tiers import MIN_GAIN, split
@@ -305,3 +306,46 @@ def test_plan_splits_the_budgets_and_says_why(synth):
     assert none.ram_tier_bytes == 0 and dev.swaps_per_token >= none.swaps_per_token and dev.io_share < none.io_share
     explicit = make_plan(info, prof, budget, ram_tier="25%", **kw)  # asked for: it comes out of the host budget
     assert explicit.ram_tier_bytes == 4 * mem.per_slot and explicit.experts_per_layer == 12
+
+
+_RPC = """
+import json, sys
+import numpy as np
+from swapmoe_gguf.converters.default_model import default_model
+from swapmoe_gguf.runtime import SwapMoELlama
+tier = None if sys.argv[2] == "auto" else sys.argv[2]
+rt = SwapMoELlama(str(default_model()), rpc_servers=sys.argv[1], n_gpu_layers=99, vram_budget="48MiB",
+                  memory_budget="100%", ram_tier=tier, policy="exact", n_ctx=256, n_threads=1, n_threads_batch=1,
+                  verbose=False)
+rt.warm_tier(wait=True)
+reads = rt.vmodel.store.stats.reads
+rt.reset()
+toks = rt.tokenize(b"The quick brown fox jumps over the lazy dog. Experts route tokens")
+rt.eval(toks)
+rows = [np.array(rt.scores[rt.n_tokens - 1])]
+for _ in range(8):
+    rt.eval([int(np.argmax(rows[-1]))])
+    rows.append(np.array(rt.scores[rt.n_tokens - 1]))
+t = rt.ram_tier
+print(json.dumps({"slots": rt.memory.slots, "tier": rt.memory.ram_tier, "where": t.where if t else None,
+                  "held": len(t) if t else 0, "disk_reads": rt.vmodel.store.stats.reads - reads,
+                  "hits": rt.vmodel.store.stats.tier_hits, "logits": np.stack(rows).tolist()}))
+"""
+
+
+def test_device_bound_slots_get_a_ram_tier_by_default(servers):
+    """An RPC device whose --vram-budget bounds S: the host memory the budget leaves becomes the RAM tier
+    (in ordinary host memory: RPC has no pinned host buffer type), `exact` reads no disk after warm-up,
+    and its logits equal those without a tier."""
+    srv = servers()
+    out = {}
+    for tier in ("auto", "0"):
+        r = subprocess.run([sys.executable, "-c", _RPC, srv.endpoint, tier], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[tier] = json.loads(r.stdout.strip().splitlines()[-1])
+    auto, none = out["auto"], out["0"]
+    assert 4 <= auto["slots"] == none["slots"] < 32
+    assert auto["tier"] > 0 and auto["where"] == "host (numpy)" and auto["held"] > 0 and none["tier"] == 0
+    assert auto["disk_reads"] == 0 and auto["hits"] > 0 and none["disk_reads"] > 0
+    assert np.array_equal(np.array(auto["logits"]), np.array(none["logits"]))
