@@ -1,6 +1,6 @@
 """Swap latency from disk vs from the host RAM tier, side by side in one run (issue 25).
 
-    python bench/ram_tier_bench.py [--dir bench/out] [--experts 16] [--rounds 3]
+    python bench/ram_tier_bench.py [--dir bench/out] [--experts 16] [--rounds 3] [--rpc HOST:PORT]
 
 Builds a synthetic MoE (converters/synthetic.py: page-aligned Q8_0 experts, so disk reads are
 O_DIRECT and never come from the page cache) and two `static` runtimes with the same S slots: one
@@ -62,7 +62,13 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rpc", default=None, help="slots on this RPC server (-ngl 99): swaps upload over the network")
     a = ap.parse_args()
+    if a.rpc:  # registered once in this process (a server serves one connection: no second reachability probe)
+        from swapmoe_gguf.llamacpp.devices import add_rpc_servers
+
+        add_rpc_servers(a.rpc)
+        KW.update(n_gpu_layers=99)
     shape = SyntheticShape(layers=4, hidden=2048, ffn=768, experts=a.experts, top_k=2, heads=16, kv_heads=4)
     Path(a.dir).mkdir(parents=True, exist_ok=True)
     path = Path(a.dir) / f"ram-tier-synthetic-{a.experts}e.gguf"
@@ -101,9 +107,10 @@ def main() -> None:
     summary = {k: {"median_ms": round(statistics.median(v), 3), "n": len(v)} for k, v in res.items()}
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
             "cpus": __import__("os").cpu_count(), "expert_MiB": round(expert_mib, 2), "shape": str(shape),
-            "slots": a.slots, "disk_reads_tiered": disk_reads}
+            "slots": a.slots, "disk_reads_tiered": disk_reads, "rpc": a.rpc}
     print(json.dumps({"meta": meta, "results": summary}, indent=2))
-    print(f"\none expert = {expert_mib:.2f} MiB, S={a.slots} of {a.experts}, {a.rounds} rounds interleaved")
+    where = f"slots on RPC {a.rpc}" if a.rpc else "slots in host memory"
+    print(f"\none expert = {expert_mib:.2f} MiB, S={a.slots} of {a.experts}, {where}, {a.rounds} rounds interleaved")
     print(f"{'':14} {'disk':>10} {'RAM tier':>10} {'speedup':>8}")
     for what in ("swap", "prompt", "decode"):
         d, t = summary[f"{what} disk"]["median_ms"], summary[f"{what} tier"]["median_ms"]
