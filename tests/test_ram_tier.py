@@ -155,6 +155,8 @@ def test_swaps_from_the_tier_equal_swaps_from_disk_and_read_no_disk(synth):
             assert rt.apply_pending(wait=True) == 2
         assert plain.vmodel.slot_map == tiered.vmodel.slot_map
         assert tiered.vmodel.store.stats.reads == reads0             # all three from RAM
+        t = tiered.telemetry()
+        assert t.ram_tier_experts == 32 and t.ram_tier_bytes == tiered.ram_tier.capacity and t.tier_hits >= 3
         assert tiered.vmodel.store.stats.tier_hits >= 3 and plain.vmodel.store.stats.reads == 3
         assert np.array_equal(_logits(plain, TOKENS), _logits(tiered, TOKENS))  # bit for bit
     finally:
@@ -349,3 +351,22 @@ def test_device_bound_slots_get_a_ram_tier_by_default(servers):
     assert auto["tier"] > 0 and auto["where"] == "host (numpy)" and auto["held"] > 0 and none["tier"] == 0
     assert auto["disk_reads"] == 0 and auto["hits"] > 0 and none["disk_reads"] > 0
     assert np.array_equal(np.array(auto["logits"]), np.array(none["logits"]))
+
+
+def test_a_budget_change_keeps_the_tier(synth):
+    rt = SwapMoELlama(synth, experts_per_layer=8, policy="swapmoe", initial_experts={l: list(range(8)) for l in (0, 1)},
+                      ram_tier="50%", **SETTINGS)
+    try:
+        tier = rt.ram_tier
+        rt.warm_tier(wait=True)
+        assert len(tier) == tier.n_blocks == 16
+        assert rt.set_budget(None, experts_per_layer=6) == 6
+        assert rt.ram_tier is tier and rt.vmodel.store.tier is tier
+        rt.vmodel.store.wait_warm(30)
+        reads = rt.vmodel.store.stats.reads
+        outside = [e for e in range(16) if e not in rt.vmodel.slot_map[0] and (0, e) in tier][0]
+        rt.request_swap(0, 0, outside)
+        assert rt.apply_pending(wait=True) == 1 and rt.vmodel.store.stats.reads == reads
+        assert rt.memory.ram_tier == 8 * rt.memory.per_slot
+    finally:
+        rt.close()

@@ -603,7 +603,9 @@ class SwapMoELlama(Llama):
             rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes,
             decode_swaps=t.decode_swaps, decode_sched_seconds=t.decode_sched_seconds,
             device_bytes=self.placement.device_bytes(self.vmodel),
-            vram_budget_bytes=self.placement.device.limit if self.placement.device else None)
+            vram_budget_bytes=self.placement.device.limit if self.placement.device else None,
+            ram_tier_bytes=self.ram_tier.capacity if self.ram_tier else 0,
+            ram_tier_experts=len(self.ram_tier) if self.ram_tier else 0, tier_hits=st.tier_hits)
 
     def close(self) -> None:
         # Queued reads are cancelled; finished ones give their buffers back; the one running (if any)
