@@ -370,3 +370,27 @@ def test_a_budget_change_keeps_the_tier(synth):
         assert rt.memory.ram_tier == 8 * rt.memory.per_slot
     finally:
         rt.close()
+
+
+def test_profile_says_when_a_miss_is_faster_on_the_cpu(synth):
+    """The profile's CPU-from-RAM time of one expert (measured on a real runtime) against the upload."""
+    from dataclasses import replace
+
+    from swapmoe_gguf.planning.planner import make_plan
+    from swapmoe_gguf.planning.profile import DeviceProfile, model_fingerprint, time_cpu_expert
+
+    rt = SwapMoELlama(synth, experts_per_layer=8, policy="static", initial_experts={l: list(range(8)) for l in (0, 1)},
+                      **SETTINGS)
+    try:
+        cpu = time_cpu_expert(rt, tokens=(1, 16), experts=2, repeats=2)
+    finally:
+        rt.close()
+    assert set(cpu) == {1, 16} and 0 < cpu[1] and 0 < cpu[16]
+    info = read_gguf(synth)
+    prof = DeviceProfile(9, str(info.path), model_fingerprint(info.path), "test", 2, 99, info.expert_bytes // 2,
+                         200.0, 1.0, {4: 5.0}, 500.0, 0.0, 0.0, 0.0, {1: 0.2, 16: 0.8})
+    assert prof.miss_cpu_tokens() == 21                     # 0.2 + 0.04 / token reaches the 1 ms upload at 21
+    assert replace(prof, commit_ms=0.1).miss_cpu_tokens() == 0
+    assert DeviceProfile.from_json(prof.to_json()) == prof
+    plan = make_plan(info, prof, None, n_ctx=64, threads=2, baseline=50 << 20, device_slots=6)
+    assert plan.miss_cpu_tokens == 21 and any("faster on the CPU" in r for r in plan.reasons)

@@ -71,6 +71,8 @@ class Plan:
     commit_rate: float = 1.0   # commits per decode step on average (paces a prefill's burst of swaps)
     max_dropped_mass: float = 1.0  # swapmoe's quality floor τ (floor_tuning.py picks it from a target)
     ram_tier_bytes: int = 0    # host RAM tier below the slots (tiers.py); the runtime's --ram-tier default
+    miss_cpu_tokens: int = 0   # slots on a device: misses of up to this many tokens per expert are faster
+                               # computed on the CPU from RAM than uploaded (profile); 0: upload
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -162,6 +164,12 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
     if device_slots is not None and s < host_s:
         reasons.append(f"the device budget admits {s} experts per layer in slots")
     reasons += tier.reasons
+    miss_cpu = prof.miss_cpu_tokens() if prof.n_gpu_layers else 0
+    if prof.n_gpu_layers and prof.cpu_expert_ms:
+        cpu = ", ".join(f"{v:.2f} ms for {t} token{'s' * (t > 1)}" for t, v in sorted(prof.cpu_expert_ms.items()))
+        reasons.append(f"a missing expert: computed on the CPU from RAM in {cpu}; uploaded in {prof.commit_ms:.2f} "
+                       "ms: " + (f"misses of up to {miss_cpu} tokens per expert are faster on the CPU" if miss_cpu
+                                 else "uploading is faster"))
     if s == n:
         policy, f, q, io, commit, observe = "full", INTERVALS[-1], 0, 0.0, 0.0, 1
         reasons.append("everything fits: running the full model (no swapping)")
@@ -198,7 +206,8 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
                 {"baseline": mem.baseline, "non_expert": mem.non_expert, "rows": mem.rows, "kv_cache": mem.kv_cache,
                  "compute": mem.compute, "staging": mem.staging, "per_slot": mem.per_slot, "ram_tier": mem.ram_tier,
                  "total": mem.total()},
-                reasons, observe_every=observe, commit_rate=rate, ram_tier_bytes=mem.ram_tier)
+                reasons, observe_every=observe, commit_rate=rate, ram_tier_bytes=mem.ram_tier,
+                miss_cpu_tokens=miss_cpu)
 
 
 def device_slots_for(info: GGUFInfo, mem: MemoryPlan, *, n_gpu_layers: int, vram_budget: Budget,
