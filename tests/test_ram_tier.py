@@ -82,6 +82,31 @@ def test_reserve_is_invisible_until_published_and_abort_frees():
         RamTier(-1, 100)
 
 
+def test_a_given_arena_is_used_and_released_once():
+    """The path of a device's pinned host buffer: the tier lives in the caller's memory and frees it on close."""
+    arena, released = np.zeros(2 * PAGE + 5, dtype=np.uint8), []
+    t = RamTier(2 * PAGE, 100, arena=arena, release=lambda: released.append(1), where="test (pinned)")
+    t.put(3, 1, _bytes(7))
+    block, view = t.get(3, 1)
+    assert np.shares_memory(view, arena) and arena[block * PAGE] == 7
+    t.unpin(block)
+    t.close()
+    t.close()
+    assert released == [1] and len(t) == 0
+    with pytest.raises(RamTierError, match="arena is"):
+        RamTier(2 * PAGE, 100, arena=np.zeros(PAGE, dtype=np.uint8))
+
+
+def test_host_devices_have_no_pinned_buffer_type():
+    """CPU (and RPC) devices offer no host buffer type: the tier is ordinary memory there."""
+    from swapmoe_gguf.llamacpp.devices import list_devices
+    from swapmoe_gguf.llamacpp.host_buffer import allocate, host_buffer_type
+
+    cpu = [d for d in list_devices() if d.is_host]
+    assert cpu and all(host_buffer_type(d) is None for d in cpu)
+    assert allocate(1 << 20, cpu) is None
+
+
 @pytest.mark.parametrize("text,expected", [("0", Budget(nbytes=0)), ("off", Budget(nbytes=0)),
                                            ("512MiB", Budget(nbytes=512 << 20)), ("25%", Budget(percent=25.0)),
                                            (1 << 20, Budget(nbytes=1 << 20))])

@@ -115,15 +115,12 @@ class RamTier:
         return ent is not None and ent.ready
 
     def __len__(self) -> int:
-        return sum(e.ready for e in list(self._entries.values()))
+        with self._lock:
+            return sum(e.ready for e in self._entries.values())
 
     def keys(self) -> list[tuple[int, int]]:
         with self._lock:
             return [k for k, e in self._entries.items() if e.ready]
-
-    @property
-    def used_bytes(self) -> int:
-        return len(self) * self.block
 
     # filling --------------------------------------------------------------------------------
     def put(self, layer: int, expert: int, data: np.ndarray) -> bool:
