@@ -19,8 +19,10 @@ lower bound, swaps favour them). Pure Python: tested without a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..residency.budget import MemoryPlan, fmt
+from .profile import DeviceProfile
 
 MIN_GAIN = 1.25  # a RAM tier must make a swap at least this much faster than reading it from disk
 
@@ -80,6 +82,6 @@ def split(mem: MemoryPlan, *, host_limit: int | None, device_slots: int | None, 
         f"(of the {mem.n_expert - s} outside the slots; ~{hit:.0%} of swaps read RAM, not disk); {bw}",))
 
 
-def split_from_profile(mem: MemoryPlan, prof: "object", **kw: object) -> TierSplit:
-    """`split` with the bandwidths of a device profile (planning.profile.DeviceProfile)."""
-    return split(mem, read_mb_s=prof.read_mb_s, upload_mb_s=prof.upload_mb_s, **kw)  # type: ignore[attr-defined,arg-type]
+def split_from_profile(mem: MemoryPlan, prof: DeviceProfile, **kw: Any) -> TierSplit:
+    """`split` with the bandwidths of a device profile."""
+    return split(mem, read_mb_s=prof.read_mb_s, upload_mb_s=prof.upload_mb_s, **kw)
