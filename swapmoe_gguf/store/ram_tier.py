@@ -13,8 +13,8 @@ the caller's (a backend's pinned host buffer, see llamacpp/host_buffer.py) or an
 
 Eviction: with a `value` callback (layer -> [n_expert] importance, higher is kept; the runtime
 gives the scheduler's scores with the experts in slots lowest, since a slot already holds them),
-the least valuable entry goes, and an expert less valuable than everything cached is not admitted;
-without one, the least recently used. A block handed out (pinned) is neither evicted nor reused
+the least valuable of the SCAN least recently used entries goes, and an expert less valuable than
+that is not admitted; without one, the least recently used. A block handed out (pinned) is neither evicted nor reused
 until its reader gives it back.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 from ..base.errors import SwapMoEError
 
 PAGE = mmap.PAGESIZE
+SCAN = 1024  # entries an eviction compares at most (the least recently used ones)
 
 
 class RamTierError(SwapMoEError):
@@ -163,26 +164,34 @@ class RamTier:
                 self._free.append(block)
 
     def _evict_for(self, layer: int, expert: int) -> bool:
-        """Free one block for (layer, expert) (lock held): the least valuable unpinned entry, if it is
-        worth less than the newcomer; the least recently used one without values."""
-        movable = [(k, e) for k, e in self._entries.items() if e.ready and not e.pins]
-        if not movable:
+        """Free one block for (layer, expert) (lock held): the least valuable unpinned entry among the
+        SCAN least recently used, if it is worth less than the newcomer; without values the least
+        recently used. (The scan is bounded: this runs on the decoding thread for `exact`'s loads.)"""
+        values: dict[int, list[float]] = {}
+
+        def val(l: int, x: int) -> float:
+            v = values.get(l)
+            if v is None:
+                v = values[l] = np.asarray(self.value(l), dtype=np.float64).tolist()  # type: ignore[misc]
+            return v[x]
+
+        best: tuple[tuple[int, int], _Entry] | None = None
+        best_v, seen = 0.0, 0
+        for key, ent in self._entries.items():  # least recently used first: ties go to the older
+            if ent.pins or not ent.ready:
+                continue
+            if self.value is None:
+                best = (key, ent)
+                break
+            v = val(*key)
+            if best is None or v < best_v:
+                best, best_v = (key, ent), v
+            seen += 1
+            if seen >= SCAN:
+                break
+        if best is None or (self.value is not None and best_v > val(layer, expert)):
             return False
-        if self.value is None:
-            key, ent = movable[0]
-        else:
-            cache: dict[int, np.ndarray] = {}
-
-            def val(l: int, x: int) -> float:
-                if l not in cache:
-                    cache[l] = np.asarray(self.value(l), dtype=np.float64)  # type: ignore[misc]
-                return float(cache[l][x])
-
-            # min by value; among equals the least recently used (the order of `movable`)
-            i = min(range(len(movable)), key=lambda j: (val(*movable[j][0]), j))
-            key, ent = movable[i]
-            if val(*key) > val(layer, expert):
-                return False
+        key, ent = best
         del self._entries[key], self._key_of[ent.block]
         self._free.append(ent.block)
         self.stats.evictions += 1
