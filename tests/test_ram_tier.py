@@ -286,6 +286,8 @@ def test_split_device_bound_slots_leave_the_host_rest_to_the_tier():
     assert big.ram_tier == 12 * mem.per_slot and big.hit_share == 1.0
     free = split(mem, host_limit=None, device_slots=4, read_mb_s=500, upload_mb_s=10000, host_free=25 << 20)
     assert free.ram_tier == 2 * mem.per_slot and "no --memory-budget" in free.reasons[0]
+    unmeasured = split(mem, host_limit=limit, device_slots=4, read_mb_s=0.0, upload_mb_s=0.0)
+    assert unmeasured.ram_tier == t.ram_tier and "not measured" in unmeasured.reasons[0]
 
 
 def test_split_refuses_a_tier_that_does_not_pay():

@@ -49,9 +49,12 @@ def split(mem: MemoryPlan, *, host_limit: int | None, device_slots: int | None, 
     explicitly (None: chosen here). `host_free`: host memory to use when there is no host budget."""
     s = mem.slots if device_slots is None else min(mem.slots, device_slots)
     outside = (mem.n_expert - s) * mem.per_slot  # every expert not in a slot
-    gain = 1.0 + upload_mb_s / read_mb_s if read_mb_s > 0 else float("inf")
-    bw = (f"disk -> RAM {read_mb_s:.0f} MB/s, RAM -> slot {upload_mb_s:.0f} MB/s: a swap from the RAM tier "
-          f"is {gain:.1f}x faster than from disk")
+    if read_mb_s > 0 and upload_mb_s > 0:
+        gain = 1.0 + upload_mb_s / read_mb_s
+        bw = (f"disk -> RAM {read_mb_s:.0f} MB/s, RAM -> slot {upload_mb_s:.0f} MB/s: a swap from the RAM tier "
+              f"is {gain:.1f}x faster than from disk")
+    else:  # no device profile measured yet: a read saved is never slower than a read made
+        gain, bw = float("inf"), "bandwidths not measured (no device profile): a RAM tier assumed worth it"
     if s >= mem.n_expert:
         return TierSplit(s, 0, 0, 0.0, ("every expert has a slot: no RAM tier",))
     if ram_tier is not None:
