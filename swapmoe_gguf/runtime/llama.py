@@ -231,7 +231,8 @@ class SwapMoELlama(Llama):
                                     arena=arena.array if arena else None, release=arena.release if arena else None,
                                     where=arena.where if arena else "host (numpy)")
             self.ram_tier.value = self._tier_value
-            log.info("RAM tier: %d experts in %s (%s)", self.ram_tier.n_blocks, self.ram_tier.where,
+            log.info("RAM tier: room for %d experts (about %d per MoE layer) in %s, %s", self.ram_tier.n_blocks,
+                     self.ram_tier.n_blocks // len(self.vmodel.moe_layers), self.ram_tier.where,
                      fmt(self.ram_tier.capacity))
         self.vmodel.store.attach_tier(self.ram_tier)
 
