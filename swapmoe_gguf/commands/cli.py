@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from ..base.errors import SwapMoEError
 from ..serving.settings import (SWITCH_EVERY, add_device_args, add_model_args, add_sampling_args, add_server_args,
-                                device_kwargs, dropped_mass)
+                                device_kwargs, dropped_mass, ram_tier)
 
 log = logging.getLogger("swapmoe_gguf")
 
@@ -83,8 +83,22 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     print(render_devices(device_rows()) + "\n")
     prof = load_or_measure(info, SwapMoELlama, threads=threads, n_gpu_layers=a.n_gpu_layers,
                            refresh=a.reprofile)
+    device_slots = None
+    if a.vram_budget:  # S as the device budget bounds it; the host budget then pays the RAM tier
+        from ..llamacpp.devices import offload_devices
+        from ..planning.planner import device_slots_for
+        from ..residency.budget import estimate, plan_slots
+
+        offload = offload_devices()
+        if not offload or a.n_gpu_layers == 0:
+            raise SwapMoEError("plan: --vram-budget: nothing is offloaded (no GPU or RPC device, or -ngl 0)")
+        mem = plan_slots(estimate(info, n_ctx=a.ctx_size, n_batch=min(a.ctx_size, 512), baseline=baseline), budget,
+                         a.experts_per_layer)
+        device_slots = device_slots_for(info, mem, n_gpu_layers=a.n_gpu_layers, vram_budget=parse_budget(a.vram_budget),
+                                        total_device=sum(d.total for d in offload),
+                                        experts_per_layer=a.experts_per_layer)
     plan = make_plan(info, prof, budget, n_ctx=a.ctx_size, threads=threads, experts_per_layer=a.experts_per_layer,
-                     baseline=baseline)
+                     baseline=baseline, device_slots=device_slots, ram_tier=a.ram_tier)
     if a.floor and plan.policy == "swapmoe":
         from ..planning import floor_tuning
 
@@ -227,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-t", "--threads", type=int, default=0, help="threads (default: half the CPUs)")
     pl.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU")
     add_device_args(pl, placement=False)
+    pl.add_argument("--vram-budget", default=None, metavar="SIZE|%",
+                    help="device memory for the model (with -ngl): S is what it admits, the host budget's rest the "
+                         "RAM tier")
+    pl.add_argument("--ram-tier", type=ram_tier, default=None, metavar="SIZE|%|0",
+                    help="host RAM for experts not in slots (default: split from the measured bandwidths)")
     pl.add_argument("-o", "--output", default=None, help="write the plan as JSON")
     pl.add_argument("--reprofile", action="store_true", help="measure again instead of using the cached profile")
     pl.add_argument("--floor", default=None, metavar="TARGET",

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..base.errors import SwapMoEError
 from ..fileformat.info import GGUFInfo
-from ..residency.budget import Budget, BudgetError, MemoryPlan, estimate, fmt, plan_slots
+from ..residency.budget import (Budget, BudgetError, MemoryPlan, estimate, fmt, parse_ram_tier, plan_slots,
+                                ram_tier_bytes)
 from ..residency.scheduler import SchedulerConfig
 from .profile import DeviceProfile, model_fingerprint
+from .tiers import split_from_profile
 
 IO_SHARE = 0.5        # the read thread may be busy half of the decode time
 COMMIT_SHARE = 0.03   # swaps may add at most 3 % to a decode step
@@ -68,6 +70,9 @@ class Plan:
     observe_every: int = 1
     commit_rate: float = 1.0   # commits per decode step on average (paces a prefill's burst of swaps)
     max_dropped_mass: float = 1.0  # swapmoe's quality floor τ (floor_tuning.py picks it from a target)
+    ram_tier_bytes: int = 0    # host RAM tier below the slots (tiers.py); the runtime's --ram-tier default
+    miss_cpu_tokens: int = 0   # slots on a device: misses of up to this many tokens per expert are faster
+                               # computed on the CPU from RAM than uploaded (profile); 0: upload
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -113,12 +118,14 @@ def choose_observe(prof: DeviceProfile, t_dec: float, n_moe_layers: int) -> int:
 
 
 def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int,
-                          min_interval: int = 1) -> tuple[int, int, float, float]:
+                          min_interval: int = 1, tier_hit: float = 0.0) -> tuple[int, int, float, float]:
+    """`tier_hit`: share of swaps the RAM tier serves (no read on the I/O thread for those)."""
     t_dec = prof.decode_ms_at(slots)
+    read_ms = prof.read_ms * (1.0 - tier_hit)
     best: tuple[float, int, int] | None = None
     for f in (f for f in INTERVALS if f >= min(min_interval, INTERVALS[-1])):
         for q in range(1, slots + 1):
-            io = q * n_moe_layers * prof.read_ms / (f * t_dec)
+            io = q * n_moe_layers * read_ms / (f * t_dec)
             commit = q * n_moe_layers * prof.swap_cost_ms / (f * t_dec)
             if io <= IO_SHARE and commit <= COMMIT_SHARE:
                 cap = q / f
@@ -128,20 +135,41 @@ def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int,
         f, q = INTERVALS[-1], 1
     else:
         _, f, q = best
-    return (f, q, q * n_moe_layers * prof.read_ms / (f * t_dec), q * n_moe_layers * prof.swap_cost_ms / (f * t_dec))
+    return (f, q, q * n_moe_layers * read_ms / (f * t_dec), q * n_moe_layers * prof.swap_cost_ms / (f * t_dec))
 
 
 def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_ctx: int, threads: int,
               experts_per_layer: int | None = None, baseline: int | None = None,
-              decay: float = SchedulerConfig.decay, margin: float = SchedulerConfig.margin) -> Plan:
+              decay: float = SchedulerConfig.decay, margin: float = SchedulerConfig.margin,
+              device_slots: int | None = None, ram_tier: int | Budget | None = None,
+              host_free: int | None = None) -> Plan:
+    """`device_slots`: S as a device budget bounds it (`device_slots_for`; None: slots in host memory).
+    `ram_tier`: the RAM tier as given (bytes, or --ram-tier's SIZE/%; None: split from the profile's
+    bandwidths, tiers.py)."""
     mem0 = estimate(info, n_ctx=n_ctx, n_batch=min(n_ctx, 512), baseline=baseline)
+    if ram_tier is not None:  # a tier asked for: it comes out of the host budget first
+        ram_tier = ram_tier_bytes(parse_ram_tier(ram_tier), mem0)
+        mem0 = replace(mem0, ram_tier=ram_tier)
     mem: MemoryPlan = plan_slots(mem0, budget, experts_per_layer)
     n, k, layers = info.n_expert, info.params.n_expert_used, len(info.moe_layers)
+    host_s = mem.slots
+    tier = split_from_profile(replace(mem, ram_tier=0), prof, host_limit=budget.resolve(mem.full) if budget else None,
+                              device_slots=device_slots, ram_tier=ram_tier, host_free=host_free)
+    mem = replace(mem, slots=tier.slots, ram_tier=tier.ram_tier)
     s = mem.slots
     reasons = [f"memory: {fmt(mem.total())} = {mem.parts()}"]
     if budget is not None:
-        reasons.append(f"budget {fmt(budget.resolve(mem.total(n)))} admits {s} of {n} experts per layer "
+        reasons.append(f"budget {fmt(budget.resolve(mem.full))} admits {host_s} of {n} experts per layer "
                        f"(each slot costs {fmt(mem.per_slot)} across {layers} MoE layers)")
+    if device_slots is not None and s < host_s:
+        reasons.append(f"the device budget admits {s} experts per layer in slots")
+    reasons += tier.reasons
+    miss_cpu = prof.miss_cpu_tokens() if prof.n_gpu_layers else 0
+    if prof.n_gpu_layers and prof.cpu_expert_ms:
+        cpu = ", ".join(f"{v:.2f} ms for {t} token{'s' * (t > 1)}" for t, v in sorted(prof.cpu_expert_ms.items()))
+        reasons.append(f"a missing expert: computed on the CPU from RAM in {cpu}; uploaded in {prof.commit_ms:.2f} "
+                       "ms: " + (f"misses of up to {miss_cpu} tokens per expert are faster on the CPU" if miss_cpu
+                                 else "uploading is faster"))
     if s == n:
         policy, f, q, io, commit, observe = "full", INTERVALS[-1], 0, 0.0, 0.0, 1
         reasons.append("everything fits: running the full model (no swapping)")
@@ -150,7 +178,8 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
         policy = "swapmoe"
         t_dec = prof.decode_ms_at(s)
         observe = choose_observe(prof, t_dec, layers)
-        f, q, io, commit = choose_interval_quota(prof, s, layers, min_interval=SAMPLES * observe)
+        f, q, io, commit = choose_interval_quota(prof, s, layers, min_interval=SAMPLES * observe,
+                                                 tier_hit=tier.hit_share)
         reasons.append(f"one expert: read {prof.read_ms:.2f} ms ({prof.read_mb_s:.0f} MB/s), commit "
                        f"{prof.commit_ms:.2f} ms; one swap adds {prof.swap_cost_ms:.2f} ms to decoding; scoring "
                        f"one layer's router adds {prof.tap_ms:.2f} ms; decode {t_dec:.2f} ms/token at S={s}")
@@ -158,6 +187,9 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
             reasons.append(f"router scored on every {observe}th token per layer (staggered) to keep scoring under "
                            f"{TAP_SHARE:.0%} of decoding; F >= {SAMPLES * observe} so each update sees "
                            f">= {SAMPLES} tokens per layer")
+        if tier.hit_share > 0:
+            reasons.append(f"with ~{tier.hit_share:.0%} of swaps served by the RAM tier, the read thread reads "
+                           f"{1 - tier.hit_share:.0%} of them from disk")
         reasons.append(f"F={f}, Q={q}: up to {q * layers} swaps every {f} tokens keep the read thread busy "
                        f"{io:.0%} of decode time (limit {IO_SHARE:.0%}) and add {commit:.1%} to decoding "
                        f"(limit {COMMIT_SHARE:.0%})")
@@ -169,11 +201,25 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
         reasons.append(f"commits paced at {rate:g} per token (one every {1 / rate:.1f} tokens), also after a prompt")
     tok_s = 1e3 / (t_dec * (1 + commit + layers / observe * prof.tap_ms / t_dec * (policy == "swapmoe")))
     return Plan(PLAN_VERSION, str(info.path.resolve()), model_fingerprint(info.path), policy,
-                budget.resolve(mem.total(n)) if budget else None, n_ctx, threads, s, n, f, q, decay, margin,
+                budget.resolve(mem.full) if budget else None, n_ctx, threads, s, n, f, q, decay, margin,
                 round(tok_s, 2), round(q * layers / f, 4), round(io, 4), round(commit, 4),
                 {"baseline": mem.baseline, "non_expert": mem.non_expert, "rows": mem.rows, "kv_cache": mem.kv_cache,
-                 "compute": mem.compute, "staging": mem.staging, "per_slot": mem.per_slot, "total": mem.total()},
-                reasons, observe_every=observe, commit_rate=rate)
+                 "compute": mem.compute, "staging": mem.staging, "per_slot": mem.per_slot, "ram_tier": mem.ram_tier,
+                 "total": mem.total()},
+                reasons, observe_every=observe, commit_rate=rate, ram_tier_bytes=mem.ram_tier,
+                miss_cpu_tokens=miss_cpu)
+
+
+def device_slots_for(info: GGUFInfo, mem: MemoryPlan, *, n_gpu_layers: int, vram_budget: Budget,
+                     total_device: int, experts_per_layer: int | None = None) -> int | None:
+    """S as `--vram-budget` bounds it on the offload devices (None: no expert on a device)."""
+    from ..residency.device_budget import device_plan, fit_device
+
+    dplan = device_plan(info, mem, n_gpu_layers=n_gpu_layers, slots=mem.n_expert)
+    if dplan.per_slot == 0:
+        return None
+    return fit_device(dplan, vram_budget, total_device=total_device, top_k=mem.top_k, n_expert=mem.n_expert,
+                      experts_per_layer=experts_per_layer).slots
 
 
 def render(plan: Plan) -> str:
@@ -182,6 +228,7 @@ def render(plan: Plan) -> str:
         ("experts per layer (S)", f"{plan.experts_per_layer} of {plan.n_expert}"),
         ("update interval (F)", f"{plan.interval} tokens"), ("swap quota (Q)", f"{plan.quota} per layer per update"),
         ("memory", f"{fmt(plan.memory['total'])}" + (f" of {fmt(plan.budget_bytes)} budget" if plan.budget_bytes else "")),
+        ("RAM tier", f"{fmt(plan.ram_tier_bytes)}" if plan.ram_tier_bytes else "none"),
         ("expected decode", f"{plan.expected_tok_s:.1f} tok/s"),
         ("quality floor (τ)", "none (1)" if plan.max_dropped_mass >= 1 else f"{plan.max_dropped_mass:g}"),
         ("swaps per token (max)", f"{plan.swaps_per_token:g}"),
@@ -192,4 +239,4 @@ def render(plan: Plan) -> str:
     return "\n".join(lines + ["", "why:"] + [f"  - {r}" for r in plan.reasons])
 
 
-__all__ = ["Plan", "PlanError", "make_plan", "render", "choose_interval_quota", "BudgetError"]
+__all__ = ["Plan", "PlanError", "make_plan", "render", "choose_interval_quota", "device_slots_for", "BudgetError"]

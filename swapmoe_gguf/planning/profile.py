@@ -24,8 +24,9 @@ from ..fileformat.info import GGUFInfo
 from ..residency.protocols import Runtime, RuntimeFactory
 
 log = logging.getLogger(__name__)
-PROFILE_VERSION = 8  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all;
-                     # 8: decode steps scored in C, gathered and routed every few steps)
+PROFILE_VERSION = 9  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all;
+                     # 8: decode steps scored in C, gathered and routed every few steps;
+                     # 9: one expert computed on the CPU from RAM, 1 and 16 tokens: misses computed vs uploaded)
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -60,10 +61,29 @@ class DeviceProfile:
     swap_ms: float = 0.0         # decode time one asynchronous swap adds, end to end (>= commit_ms)
     tap_ms: float = 0.0          # what scoring one MoE layer's router adds to a step (graph split + numpy),
                                  # measured on steps scoring every layer
+    cpu_expert_ms: dict[int, float] | None = None  # tokens -> one expert computed with ggml's CPU kernels from
+                                 # bytes in RAM (expert_compute.py, one thread); None: the FFN is not one it computes
+
+    def miss_cpu_tokens(self) -> int:
+        """Up to how many tokens per missing expert computing it on the CPU from RAM beats uploading it
+        into a slot (the commit) for the graph: linear between the measured token counts. 0: always upload
+        (or not measured)."""
+        if not self.cpu_expert_ms or len(self.cpu_expert_ms) < 2:
+            return 0
+        (n0, c0), (n1, c1) = sorted(self.cpu_expert_ms.items())[:2]
+        if c0 >= self.commit_ms:
+            return 0
+        slope = max(1e-9, (c1 - c0) / max(1, n1 - n0))
+        return max(n0, int(n0 + (self.commit_ms - c0) / slope + 1e-6))  # (float rounding at the crossover)
 
     @property
     def swap_cost_ms(self) -> float:
         return max(self.swap_ms, self.commit_ms)
+
+    @property
+    def upload_mb_s(self) -> float:
+        """RAM -> slot bandwidth (a commit: `ggml_backend_tensor_set` into the slot's buffer)."""
+        return self.expert_bytes / (max(self.commit_ms, 1e-6) * 1e3) if self.expert_bytes else 0.0
 
     @property
     def read_ms(self) -> float:
@@ -87,6 +107,8 @@ class DeviceProfile:
     def from_json(cls, text: str) -> "DeviceProfile":
         d = json.loads(text)
         d["decode_ms"] = {int(k): float(v) for k, v in d["decode_ms"].items()}
+        if d.get("cpu_expert_ms"):
+            d["cpu_expert_ms"] = {int(k): float(v) for k, v in d["cpu_expert_ms"].items()}
         return cls(**d)
 
 
@@ -124,6 +146,38 @@ def time_swaps(vm, layers: int | None = None, experts: int | None = None) -> tup
             commits.append(1e3 * (t2 - t1))
             nbytes = max(nbytes, sum(v.nbytes for v in staged.parts.values()))
     return reads, commits, nbytes
+
+
+def time_cpu_expert(rt: Runtime, tokens: tuple[int, ...] = (1, 16), experts: int = 4,
+                    repeats: int = 3) -> dict[int, float] | None:
+    """ms to compute one expert of the first MoE layer on `tokens` tokens with ggml's CPU kernels
+    (one thread, as the lossless path runs them beside llama.cpp's), from bytes already in RAM.
+    None when that layer's FFN is not one expert_compute reproduces."""
+    import numpy as np
+
+    from ..llamacpp.expert_compute import ffn_spec, run_expert
+
+    vm = rt.vmodel
+    layer = vm.moe_layers[0]
+    ffn = ffn_spec(rt.tap.nodes.get(layer, {}), vm.info.layer_expert_tensors(layer))
+    if isinstance(ffn, str):
+        log.info("profile: experts are not computed on the CPU here (%s)", ffn)
+        return None
+    rng = np.random.default_rng(0)
+    out: dict[int, list[float]] = {n: [] for n in tokens}
+    for e in range(min(experts, vm.n_expert)):
+        staged = vm.store.read(layer, e)
+        try:
+            for n in tokens:
+                x = (0.1 * rng.standard_normal((n, ffn.n_embd))).astype(np.float32)   # [n, n_embd]
+                run_expert(ffn, staged, x, 1)  # warm: the weights in cache as a miss's would not be, once
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    run_expert(ffn, staged, x, 1)
+                    out[n].append(1e3 * (time.perf_counter() - t0))
+        finally:
+            vm.store.release(staged)
+    return {n: round(statistics.median(v), 4) for n, v in out.items()}
 
 
 def _trimmed_mean(v: list[float]) -> float:
@@ -182,6 +236,7 @@ def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_laye
     commit_ms: list[float] = []
     expert_bytes = 0
     swap_ms, tap_ms = 0.0, 0.0
+    cpu_expert: dict[int, float] | None = None
     kw = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
               n_gpu_layers=n_gpu_layers, verbose=False)
     for slots in sorted({k, min(n, 2 * k)}):
@@ -198,6 +253,7 @@ def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_laye
                 rt.eval([tok])
             if not read_ms:
                 read_ms, commit_ms, expert_bytes = time_swaps(rt.vmodel, layers=4, experts=6)
+                cpu_expert = time_cpu_expert(rt)
             plain, tapped, swapping, swaps = _interleaved_decode(rt, tok, info.params.n_vocab)
             decode[slots] = 1e3 * statistics.median(plain)
             base = _trimmed_mean(plain)
@@ -212,7 +268,17 @@ def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_laye
                          threads, n_gpu_layers, expert_bytes, round(expert_bytes / (read / 1e3) / 1e6, 1),
                          round(statistics.median(commit_ms), 4), {s: round(v, 4) for s, v in decode.items()},
                          round(prefill, 1), round(time.perf_counter() - t_start, 2), round(swap_ms, 4),
-                         round(tap_ms, 4))
+                         round(tap_ms, 4), cpu_expert)
+
+
+def cached_profile(info: GGUFInfo, *, threads: int, n_gpu_layers: int = 0) -> DeviceProfile | None:
+    """The cached profile of this model on this machine, or None (nothing is measured)."""
+    path = profile_path(info, threads, n_gpu_layers)
+    try:
+        prof = DeviceProfile.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return prof if prof.version == PROFILE_VERSION and prof.fingerprint == model_fingerprint(info.path) else None
 
 
 def load_or_measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_layers: int = 0,

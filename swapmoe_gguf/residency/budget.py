@@ -4,7 +4,8 @@ The budget covers the process's resident memory, interpreter included:
 
     total(S) = process baseline (measured RSS now: interpreter, numpy, llama.cpp libraries)
              + non-expert weights + router rows kept in RAM + KV cache + compute and output buffers
-             + staging buffers for in-flight swaps + S * (one expert in every MoE layer)
+             + staging buffers for in-flight swaps + the RAM tier (--ram-tier, experts cached below
+               the slots: store/ram_tier.py) + S * (one expert in every MoE layer)
 
 Compute buffers are estimated from the graph's largest intermediates (llama.cpp sizes them at
 context creation); the estimate is deliberately generous and checked by measured peak RSS in the
@@ -86,24 +87,34 @@ class MemoryPlan:
     slots: int
     n_expert: int
     top_k: int
+    ram_tier: int = 0  # host RAM tier capacity (store/ram_tier.py)
 
     @property
     def fixed(self) -> int:
-        return self.baseline + self.non_expert + self.rows + self.kv_cache + self.compute + self.staging
+        return (self.baseline + self.non_expert + self.rows + self.kv_cache + self.compute + self.staging
+                + self.ram_tier)
 
     def total(self, slots: int | None = None) -> int:
         return self.fixed + (self.slots if slots is None else slots) * self.per_slot
+
+    @property
+    def full(self) -> int:
+        """What the process needs with every expert resident (no RAM tier: nothing left to cache):
+        what a percentage budget is a percentage of."""
+        return self.fixed - self.ram_tier + self.n_expert * self.per_slot
 
     def parts(self, slots: int | None = None) -> str:
         n = self.slots if slots is None else slots
         return (f"process {fmt(self.baseline)} + non-expert weights {fmt(self.non_expert)} + router rows "
                 f"{fmt(self.rows)} + KV cache {fmt(self.kv_cache)} + compute buffers {fmt(self.compute)} + "
-                f"staging {fmt(self.staging)} + {n} experts x {fmt(self.per_slot)}")
+                f"staging {fmt(self.staging)} + " + (f"RAM tier {fmt(self.ram_tier)} + " if self.ram_tier else "")
+                + f"{n} experts x {fmt(self.per_slot)}")
 
 
 def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None = None, logits_all: bool = False,
              staging_buffers: int = 2, baseline: int | None = None, kv_bytes_per_elem: int = 2,
-             flash_attn: bool = True, streams: bool = False, capture_tokens: int = 9) -> MemoryPlan:
+             flash_attn: bool = True, streams: bool = False, capture_tokens: int = 9,
+             ram_tier: int = 0) -> MemoryPlan:
     p = info.params
     n_ub = min(n_ubatch or n_batch, n_batch)
     per_layer = {l: sum(t.expert_nbytes for t in info.layer_expert_tensors(l)) for l in info.moe_layers}
@@ -136,7 +147,31 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_batch: int, n_ubatch: int | None =
         baseline=psutil.Process().memory_info().rss if baseline is None else baseline,
         non_expert=info.non_expert_bytes, rows=rows, kv_cache=kv, compute=compute,
         staging=(staging_buffers + _repack_scratch(info)) * max(per_layer.values()), per_slot=sum(per_layer.values()),
-        slots=p.n_expert, n_expert=p.n_expert, top_k=p.n_expert_used)
+        slots=p.n_expert, n_expert=p.n_expert, top_k=p.n_expert_used, ram_tier=ram_tier)
+
+
+def parse_ram_tier(text: str | int | Budget) -> Budget:
+    """--ram-tier: SIZE ('2GiB', as --memory-budget), a percentage of all the model's experts
+    ('25%': a quarter of them kept in host memory), or 0 / off (no tier)."""
+    if isinstance(text, Budget):
+        return text
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise BudgetError(f"--ram-tier must be >= 0 bytes, got {text}")
+        return Budget(nbytes=text)
+    t = str(text).strip().lower()
+    if t in ("0", "off", "none", "0%", "0b"):
+        return Budget(nbytes=0)
+    try:
+        return parse_budget(t)
+    except BudgetError:
+        raise BudgetError(f"--ram-tier {text!r}: expected a size (512MiB, 2GiB), a percentage of the model's "
+                          "experts (25%) or 0 for none") from None
+
+
+def ram_tier_bytes(spec: Budget, mem: MemoryPlan) -> int:
+    """The tier's bytes: a size as given, a percentage of all experts (n_expert x per_slot)."""
+    return spec.resolve(mem.n_expert * mem.per_slot)
 
 
 def _repack_scratch(info: GGUFInfo) -> int:
@@ -157,14 +192,14 @@ def plan_slots(mem: MemoryPlan, budget: Budget | None, experts_per_layer: int | 
         raise BudgetError(f"--experts-per-layer must be between top-k={k} and n_expert={n}, got {experts_per_layer}")
     if budget is None:
         return replace(mem, slots=experts_per_layer or n)
-    limit = budget.resolve(mem.total(n))
+    limit = budget.resolve(mem.full)
     fit = min(n, (limit - mem.fixed) // mem.per_slot) if limit > mem.fixed else -1
     if fit < k:
         hint = ""
         if budget.percent is not None:  # a % of what `full` needs: say which percentages work on this model
-            low = math.ceil(100 * mem.total(k) / mem.total(n))
+            low = math.ceil(100 * mem.total(k) / mem.full)
             hint = (f"; with this model a percentage budget needs {low}% or more (the fixed part weighs "
-                    f"{100 * mem.fixed / mem.total(n):.0f}% of it)" if low <= 100 else "")
+                    f"{100 * mem.fixed / mem.full:.0f}% of it)" if low <= 100 else "")
         raise BudgetError(f"memory budget {fmt(limit)} is below the minimum {fmt(mem.total(k))} = {mem.parts(k)}"
                           + hint)
     if experts_per_layer is not None:

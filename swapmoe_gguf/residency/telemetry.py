@@ -31,6 +31,10 @@ class TelemetrySnapshot:
     # the scheduler's own work in one-token steps: router inputs read (in C or Python), routing, Eq. 1,
     # hit counting, swap decisions and commits; summed seconds (per token: / decode_tokens)
     decode_sched_seconds: float = 0.0
+    # the host RAM tier (store/ram_tier.py): its capacity, experts held, reads it answered (no disk I/O)
+    ram_tier_bytes: int = 0
+    ram_tier_experts: int = 0
+    tier_hits: int = 0
 
     @property
     def sched_us_per_token(self) -> float | None:

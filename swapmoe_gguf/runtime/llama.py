@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any, Callable
 
 import llama_cpp
@@ -36,13 +37,15 @@ from ..llamacpp.scoring import token_masks
 from ..llamacpp.vmodel import VirtualExpertModel
 from ..planning import calib_cache
 from ..planning.planner import Plan
-from ..residency.budget import Budget, BudgetError, MemoryPlan, estimate, fmt, parse_budget, plan_slots
+from ..residency.budget import (Budget, BudgetError, MemoryPlan, estimate, fmt, parse_budget, parse_ram_tier,
+                                plan_slots, ram_tier_bytes)
 from ..residency.calibration import CALIB_SECONDS, calib_chunk, calibrate, ranking
 from ..residency.policies import POLICIES, ExactPolicy, FullPolicy, StaticPolicy, SwapMoEPolicy
 from ..residency.protocols import ResidencyPolicy
 from ..residency.scheduler import ImportanceScheduler, SchedulerConfig
 from ..residency.telemetry import RssProbe, Telemetry, TelemetrySnapshot
 from ..store.expert_store import ExpertReadError, StagedExpert
+from ..store.ram_tier import RamTier
 from .hooks import HookedContext, construct_with
 from .placement import Placement
 from .process import release_memory, single_threaded_blas
@@ -63,6 +66,7 @@ class SwapMoELlama(Llama):
                  rpc_servers: str | list[str] | None = None, tensor_split: str | list[float] | None = None,
                  vram_budget: str | Budget | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
                  override_tensor: list[str] | tuple[str, ...] = (),
+                 ram_tier: str | int | Budget | None = None,
                  **kwargs: Any):
         # llama-cpp-python's log callback prints llama.cpp's messages unless its logger says otherwise;
         # the model is built before Llama.__init__ would set it.
@@ -77,6 +81,8 @@ class SwapMoELlama(Llama):
             policy = policy or plan.policy
             if max_dropped_mass is None and policy == "swapmoe":
                 max_dropped_mass = plan.max_dropped_mass
+            if ram_tier is None and plan.ram_tier_bytes:
+                ram_tier = plan.ram_tier_bytes
         policy = policy or "swapmoe"
         max_dropped_mass = 1.0 if max_dropped_mass is None else max_dropped_mass
         if policy not in POLICIES:
@@ -103,6 +109,9 @@ class SwapMoELlama(Llama):
         gc.collect()  # the baseline below is measured: release what earlier models left behind first
         release_memory()
         budget = parse_budget(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        tier_spec = None if ram_tier is None else parse_ram_tier(ram_tier)  # a bad value: before anything is built
+        self.ram_tier: RamTier | None = None
+        self._tier_ngl = n_gpu_layers  # where slots live: the tier goes in that device's host memory
         if policy == "full":
             experts_per_layer = n_expert
         n_batch_eff = min(n_ctx, n_batch) if n_ctx else n_batch
@@ -113,6 +122,8 @@ class SwapMoELlama(Llama):
         mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
                        logits_all=logits_all, staging_buffers=staging_buffers + reserved, flash_attn=flash_attn,
                        streams=lossless, capture_tokens=self._capture[0] * self._capture[1])
+        if tier_spec is not None:  # an explicit RAM tier comes out of the host budget before the slots
+            mem = replace(mem, ram_tier=ram_tier_bytes(tier_spec, mem))
         try:
             self.memory: MemoryPlan = plan_slots(mem, budget, experts_per_layer)
         except BudgetError:
@@ -122,12 +133,15 @@ class SwapMoELlama(Llama):
             log.info("the plan's %d experts per layer do not fit this budget with the lossless path's buffers "
                      "and scratch: running %d", planned_s, fit)
             self.memory = plan_slots(mem, budget, fit)
-        self.budget_bytes = budget.resolve(mem.total(mem.n_expert)) if budget else None
+        self.budget_bytes = budget.resolve(mem.full) if budget else None
         # devices (placement.py): RPC servers registered, -ot/--cpu-moe overrides, S within --vram-budget
         self.placement = Placement.prepare(info, self.memory, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers,
                                            tensor_split=tensor_split, vram_budget=vram_budget, cpu_moe=cpu_moe,
                                            n_cpu_moe=n_cpu_moe, override_tensor=override_tensor,
                                            experts_per_layer=experts_per_layer)
+        if tier_spec is None:  # the device budget bounds S: host memory left over becomes the RAM tier
+            self.placement = replace(self.placement, memory=self._auto_tier(
+                info, self.placement.memory, budget, n_gpu_layers, int(kwargs.get("n_threads") or 0)))
         self.memory = self.placement.memory
         self.requested_policy = policy  # what a budget change returns to when not everything fits
         if self.memory.slots == n_expert and policy != "full":
@@ -148,6 +162,7 @@ class SwapMoELlama(Llama):
                                          overrides=self.placement.overrides)
         try:
             self.placement.check_built(self.vmodel)
+            self._attach_tier()
         except BaseException:
             self.close()  # the model and the RSS probe (Llama.__init__ has not run)
             raise
@@ -176,12 +191,77 @@ class SwapMoELlama(Llama):
             if initial_experts is None and (policy == "static" or prior):
                 self._calibrate(calibration)
             self.tap.enabled = self.policy.observes
+            self.warm_tier()
         except BaseException:
             self.close()
             raise
         self._sample_rss()
         log.info("SwapMoE (%s): %d of %d experts per layer resident; %s", policy, self.memory.slots,
                  n_expert, self.memory.parts())
+
+    # the host RAM tier (store/ram_tier.py) -------------------------------------------------
+    def _auto_tier(self, info: Any, mem: MemoryPlan, budget: Budget | None, n_gpu_layers: int,
+                   threads: int) -> MemoryPlan:
+        """With a device budget bounding S below what the host budget admits, the host memory left
+        becomes the RAM tier (planning/tiers.py; bandwidths from the cached device profile, if any)."""
+        dev = self.placement.device
+        host_s = plan_slots(replace(mem, slots=mem.n_expert), budget, None).slots if budget else mem.n_expert
+        if dev is None or budget is None or mem.slots >= host_s:
+            return mem
+        from ..planning.profile import cached_profile
+        from ..planning.tiers import split
+
+        prof = cached_profile(info, threads=threads, n_gpu_layers=n_gpu_layers)
+        read, up = (prof.read_mb_s, prof.upload_mb_s) if prof else (0.0, 0.0)  # unmeasured: assume it pays
+        t = split(replace(mem, slots=host_s), host_limit=budget.resolve(mem.full),
+                  device_slots=mem.slots, read_mb_s=read, upload_mb_s=up)
+        for r in t.reasons:
+            log.info("RAM tier: %s", r)
+        return replace(mem, ram_tier=t.ram_tier)
+
+    def _attach_tier(self) -> None:
+        """Build the RAM tier (`memory.ram_tier` bytes; in the offload device's pinned host memory where
+        it has one) or hand the existing one to a rebuilt model's store."""
+        nbytes = self.memory.ram_tier if self.vmodel.slots < self.vmodel.n_expert else 0  # full: nothing to cache
+        if self.ram_tier is None and nbytes:
+            from ..llamacpp import devices
+            from ..llamacpp.host_buffer import allocate
+
+            offload = devices.offload_devices() if self.placement.offload and self._tier_ngl else []
+            arena = allocate(nbytes, offload) if offload else None
+            self.ram_tier = RamTier(nbytes, self.vmodel.store.max_expert_nbytes,
+                                    arena=arena.array if arena else None, release=arena.release if arena else None,
+                                    where=arena.where if arena else "host (numpy)")
+            self.ram_tier.value = self._tier_value
+            log.info("RAM tier: room for %d experts (about %d per MoE layer) in %s, %s", self.ram_tier.n_blocks,
+                     self.ram_tier.n_blocks // len(self.vmodel.moe_layers), self.ram_tier.where,
+                     fmt(self.ram_tier.capacity))
+        self.vmodel.store.attach_tier(self.ram_tier)
+
+    def _tier_value(self, layer: int) -> np.ndarray:
+        """What the RAM tier keeps a layer's experts by: the scheduler's importance (0 without one:
+        least recently used), the experts in slots lowest (a slot holds them already). [n_expert]"""
+        vm = self.vmodel
+        sched = getattr(getattr(self, "policy", None), "scheduler", None)
+        v = np.array(sched.effective(layer), dtype=np.float64) if sched is not None else np.zeros(vm.n_expert)
+        v[list(vm.slot_map[layer])] = -np.inf
+        return v
+
+    def warm_tier(self, wait: bool = False) -> None:
+        """Fill the RAM tier in the background with the most important experts not in slots (rank S,
+        S+1, ... of every layer in turn), then, while blocks are free, the experts in slots (so that one
+        swapped out later is still in RAM), until it admits no more. `wait`: until that is done."""
+        if self.ram_tier is None:
+            return
+        vm = self.vmodel
+        ranked = {l: self._ranked(l) for l in vm.moe_layers}
+        outside = {l: [e for e in r if e not in vm.slot_map[l]] for l, r in ranked.items()}
+        inside = {l: [e for e in r if e in vm.slot_map[l]] for l, r in ranked.items()}
+        order = [(l, group[l][r]) for group in (outside, inside) for r in range(vm.n_expert)
+                 for l in vm.moe_layers if r < len(group[l])]
+        vm.store.warm(order)
+        if wait:
+            vm.store.wait_warm()
 
     def lossless_ubatch(self) -> int:
         """S // k: a micro-batch this size always fits its experts in the slots. Batches up to it load
@@ -466,7 +546,7 @@ class SwapMoELlama(Llama):
                         staging_buffers=vm.store.staging_buffers + vm.store.reserved, baseline=self.memory.baseline,
                         flash_attn=self.flash_attn,
                         streams=self.requested_policy == "exact" or self.max_dropped_mass < 1.0,
-                        capture_tokens=self._capture[0] * self._capture[1])
+                        capture_tokens=self._capture[0] * self._capture[1], ram_tier=self.memory.ram_tier)
         new = plan_slots(mem0, budget, experts_per_layer)
         dev = self.placement.device
         if dev is not None and new.slots > dev.max_slots(vm.n_expert):  # --vram-budget still holds
@@ -477,7 +557,7 @@ class SwapMoELlama(Llama):
             log.info("--vram-budget %s: %d experts per layer on the device (the host budget admits %d)",
                      fmt(dev.limit or 0), cap, new.slots)
             new = dataclasses.replace(new, slots=cap)
-        self.budget_bytes = budget.resolve(mem0.total(mem0.n_expert)) if budget else None
+        self.budget_bytes = budget.resolve(mem0.full) if budget else None
         if new.slots == vm.slots:
             self.memory = new
             return new.slots
@@ -492,6 +572,7 @@ class SwapMoELlama(Llama):
         self.vmodel = VirtualExpertModel(path, new.slots, initial=initial, n_gpu_layers=ngl, staging_buffers=staging,
                                          repack=self.repack, reserved_buffers=vm.store.reserved,
                                          tensor_split=self.placement.tensor_split, overrides=self.placement.overrides)
+        self._attach_tier()  # the same file: what the tier holds stays valid
         self._model.model = self.vmodel.model
         self._model.vocab = llama_cpp.llama_model_get_vocab(self.vmodel.model)
         if (self.requested_policy == "exact" or self.max_dropped_mass < 1.0) and not self.expert_ffn:
@@ -512,6 +593,7 @@ class SwapMoELlama(Llama):
         self.tap.enabled = self.policy.observes
         self.reset()
         self.n_tokens = 0
+        self.warm_tier()
         log.info("budget changed: %d of %d experts per layer now resident", new.slots, self.vmodel.n_expert)
         return new.slots
 
@@ -545,7 +627,9 @@ class SwapMoELlama(Llama):
             rss_bytes=self._sample_rss(), peak_rss_bytes=t.peak_rss_bytes, budget_bytes=self.budget_bytes,
             decode_swaps=t.decode_swaps, decode_sched_seconds=t.decode_sched_seconds,
             device_bytes=self.placement.device_bytes(self.vmodel),
-            vram_budget_bytes=self.placement.device.limit if self.placement.device else None)
+            vram_budget_bytes=self.placement.device.limit if self.placement.device else None,
+            ram_tier_bytes=self.ram_tier.capacity if self.ram_tier else 0,
+            ram_tier_experts=len(self.ram_tier) if self.ram_tier else 0, tier_hits=st.tier_hits)
 
     def close(self) -> None:
         # Queued reads are cancelled; finished ones give their buffers back; the one running (if any)
@@ -564,6 +648,9 @@ class SwapMoELlama(Llama):
             self.tap.close()
         if hasattr(self, "vmodel"):
             self.vmodel.close()
+        if getattr(self, "ram_tier", None) is not None:  # after the store: nothing reads it any more
+            self.ram_tier.close()
+            self.ram_tier = None
         if hasattr(self, "_rss"):
             self._rss.close()
 

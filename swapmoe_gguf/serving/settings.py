@@ -41,6 +41,7 @@ class ModelSettings:
     cpu_moe: bool = False               # --cpu-moe: every layer's experts in host memory
     n_cpu_moe: int = 0                  # --n-cpu-moe N: the first N layers' experts in host memory
     override_tensor: tuple[str, ...] = ()  # -ot PATTERN=BUFT[,...] (repeatable)
+    ram_tier: str | None = None         # --ram-tier SIZE|%|0: experts kept in host RAM below the slots; None: the plan's
 
     def device_kwargs(self) -> dict[str, Any]:
         """SwapMoELlama's placement arguments."""
@@ -60,7 +61,7 @@ class ModelSettings:
                             n_seq_max=n_seq_max, kv_unified=kv_unified, swa_full=swa_full,
                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,
                             seed=self.seed if self.seed >= 0 else 0xFFFFFFFF, repack=not self.no_repack,
-                            verbose=self.verbose, **self.device_kwargs())
+                            verbose=self.verbose, ram_tier=self.ram_tier, **self.device_kwargs())
 
 
 DEFAULT_CTX = 4096
@@ -94,6 +95,17 @@ class SamplingSettings:
         """Keyword arguments of llama-cpp-python's create_(chat_)completion."""
         return {"temperature": self.temp, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                 "repeat_penalty": self.repeat_penalty, "max_tokens": None if self.n_predict < 0 else self.n_predict}
+
+
+def ram_tier(text: str) -> str:
+    """argparse type of --ram-tier: checked here, so that a bad value is one line before anything loads."""
+    from ..residency.budget import BudgetError, parse_ram_tier
+
+    try:
+        parse_ram_tier(text)
+    except BudgetError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--ram-tier ")) from None
+    return text
 
 
 def dropped_mass(text: str) -> float:
@@ -148,6 +160,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "falls on non-resident experts, load them and route exactly (1: never, the default unless "
                         "a --plan picked one; 0: exact)")
     g.add_argument("--plan", default=None, help="plan JSON from `swapmoe plan`")
+    g.add_argument("--ram-tier", type=ram_tier, default=None, metavar="SIZE|%|0",
+                   help="keep experts not in slots in host RAM (part of --memory-budget), so that a swap reads RAM, "
+                        "not disk: 2GiB, 25%% (of the model's experts) or 0 (default: the plan's, else host memory "
+                        "a --vram-budget leaves over)")
     g.add_argument("-c", "--ctx-size", type=int, default=0,
                    help="context length (default 0: the model's training context, at most 4096)")
     g.add_argument("-t", "--threads", type=int, default=0, help="threads (default: half the CPUs)")

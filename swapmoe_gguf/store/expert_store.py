@@ -27,6 +27,7 @@ import numpy as np
 
 from ..base.errors import SwapMoEError
 from ..fileformat.info import GGUFInfo, TensorEntry
+from .ram_tier import RamTier
 
 log = logging.getLogger(__name__)
 _told_in_place: set[str] = set()  # files whose in-place (unconverted) reads were logged once
@@ -45,6 +46,7 @@ class StagedExpert:
     parts: dict[str, np.ndarray]  # expert tensor name -> this expert's slice (a view of `buf`)
     buf: np.ndarray
     read_seconds: float
+    tier_block: int = -1  # >= 0: `buf` is this block of the RAM tier (pinned until released), no disk read
 
 
 @dataclass
@@ -53,6 +55,8 @@ class StoreStats:
     bytes_read: int = 0
     read_seconds: float = 0.0
     errors: int = 0
+    tier_hits: int = 0       # reads the RAM tier answered (no disk I/O)
+    warm_reads: int = 0      # experts read from disk into the RAM tier ahead of need (`warm`)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -139,6 +143,9 @@ class ExpertStore:
         self._pool = _ReadThread()
         self._stream_pool: _ReadThread | None = None  # started by the first stream
         self._warned = False
+        self.tier: RamTier | None = None  # the host RAM tier (attach_tier), owned by the caller
+        self._warm_thread: threading.Thread | None = None
+        self._warm_stop = threading.Event()
 
     # compatibility: the first (or only) file's descriptors
     @property
@@ -179,7 +186,11 @@ class ExpertStore:
 
     def read(self, layer: int, expert: int, timeout: float | None = None, sync: bool = False) -> StagedExpert:
         """Read synchronously into a staging buffer (blocks until one is free). `sync`: a read on the
-        decoding thread, which takes a reserved buffer when the store has one."""
+        decoding thread, which takes a reserved buffer when the store has one. An expert the RAM tier
+        holds comes from there (no disk I/O, no staging buffer); one read from disk is copied in."""
+        hit = self._from_tier(layer, expert)
+        if hit is not None:
+            return hit
         buf = self._sync_free.get() if sync and self.reserved else self._free.get(timeout=timeout)
         t0 = time.perf_counter()
         try:
@@ -204,11 +215,102 @@ class ExpertStore:
             self.stats.reads += 1
             self.stats.bytes_read += off
             self.stats.read_seconds += dt
+        if self.tier is not None:  # read once from disk: kept in RAM while the tier values it
+            self.tier.put(layer, expert, buf[:off])
         return StagedExpert(layer, expert, parts, buf, dt)
 
+    def _parts(self, layer: int, buf: np.ndarray) -> dict[str, np.ndarray]:
+        parts, off = {}, 0
+        for t in self.layers[layer]:
+            parts[t.name] = buf[off:off + t.expert_nbytes]
+            off += t.expert_nbytes
+        return parts
+
+    def _from_tier(self, layer: int, expert: int) -> StagedExpert | None:
+        """The expert as the RAM tier holds it (pinned until `release`), or None."""
+        if self.tier is None:
+            return None
+        got = self.tier.get(layer, expert)
+        if got is None:
+            return None
+        block, buf = got
+        with self.stats.lock:
+            self.stats.tier_hits += 1
+        return StagedExpert(layer, expert, self._parts(layer, buf), buf, 0.0, tier_block=block)
+
+    def _done(self, staged: StagedExpert) -> Future[StagedExpert]:
+        fut: Future[StagedExpert] = Future()
+        fut.set_running_or_notify_cancel()
+        fut.set_result(staged)
+        return fut
+
     def submit(self, layer: int, expert: int) -> Future[StagedExpert]:
-        """Read on the background thread."""
+        """Read on the background thread; an expert the RAM tier holds is a completed future at once."""
+        hit = self._from_tier(layer, expert)
+        if hit is not None:
+            return self._done(hit)
         return self._pool.submit(lambda: self.read(layer, expert))
+
+    def attach_tier(self, tier: RamTier | None) -> None:
+        """Serve and fill reads through `tier` (None: detach). The tier stays the caller's to close."""
+        self.stop_warm()
+        self.tier = tier
+
+    def warm(self, order: list[tuple[int, int]]) -> None:
+        """Read these (layer, expert) pairs, most wanted first, straight into the RAM tier on a
+        low-priority thread, until the tier admits no more (it is full of experts worth more).
+        Swaps and misses go first: they have their own threads; this one runs at nice 19."""
+        self.stop_warm()
+        if self.tier is None or not order:
+            return
+        self._warm_stop.clear()
+        self._warm_thread = threading.Thread(target=self._warm, args=(self.tier, list(order)),
+                                             name="swapmoe-warm", daemon=True)
+        self._warm_thread.start()
+
+    def _warm(self, tier: RamTier, order: list[tuple[int, int]]) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        for layer, expert in order:
+            if self._warm_stop.is_set():
+                return
+            if (layer, expert) in tier:
+                continue
+            got = tier.reserve(layer, expert, self.expert_nbytes[layer])
+            if got is None:
+                if (layer, expert) in tier:
+                    continue
+                return  # not admitted: the rest of the order is worth even less
+            block, buf = got
+            t0 = time.perf_counter()
+            try:
+                off = 0
+                for t in self.layers[layer]:
+                    self.read_slice(t, expert, buf[off:off + t.expert_nbytes])
+                    off += t.expert_nbytes
+            except (OSError, ExpertReadError) as e:
+                tier.abort(block)
+                log.info("RAM tier warm-up stopped: %s", e)
+                return
+            tier.publish(block)
+            with self.stats.lock:
+                self.stats.warm_reads += 1
+                self.stats.bytes_read += off
+                self.stats.read_seconds += time.perf_counter() - t0
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Wait for `warm` to finish; True when it has."""
+        th = self._warm_thread
+        if th is not None:
+            th.join(timeout)
+            return not th.is_alive()
+        return True
+
+    def stop_warm(self) -> None:
+        self._warm_stop.set()
+        if self._warm_thread is not None:
+            self._warm_thread.join(timeout=30)
+            self._warm_thread = None
 
     def stream(self, layer: int, experts: list[int]) -> "ExpertStream":
         """Read `experts` of `layer` in this order on a dedicated thread (not the background swaps'
@@ -218,10 +320,19 @@ class ExpertStore:
         if self._stream_pool is None:
             self._stream_pool = _ReadThread(nice=0, name="swapmoe-stream")
         pool = self._stream_pool
-        return ExpertStream(self, [pool.submit(lambda e=e: self.read(layer, e, sync=True)) for e in experts])
+        futures = []
+        for e in experts:  # the RAM tier's experts are there at once: decoding never waits on the disk for them
+            hit = self._from_tier(layer, e)
+            futures.append(self._done(hit) if hit is not None else
+                           pool.submit(lambda e=e: self.read(layer, e, sync=True)))
+        return ExpertStream(self, futures)
 
     def release(self, staged: StagedExpert) -> None:
-        """Give a staging buffer back once its bytes are committed (or dropped)."""
+        """Give a staging buffer (or a RAM tier block) back once its bytes are committed (or dropped)."""
+        if staged.tier_block >= 0:
+            if self.tier is not None:
+                self.tier.unpin(staged.tier_block)
+            return
         self._give_back(staged.buf)
 
     def _give_back(self, buf: np.ndarray) -> None:
@@ -234,6 +345,7 @@ class ExpertStore:
         self.fds, self.direct_fds = [], []
 
     def close(self) -> None:
+        self.stop_warm()
         self._pool.shutdown()
         if self._stream_pool is not None:
             self._stream_pool.shutdown()
