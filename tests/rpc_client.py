@@ -45,7 +45,7 @@ def greedy(llm, tokens: list[int], n: int) -> list[int]:  # type: ignore[no-unty
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=("full", "swap", "policies", "generate", "tap", "rebudget"))
+    p.add_argument("scenario", choices=("full", "swap", "policies", "generate", "tap", "rebudget", "cpu_misses"))
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--rpc", default=None)
@@ -141,6 +141,18 @@ def main() -> None:
             res["refused"] = str(e)
         res["after_refusal"] = llm.vmodel.slots
         llm.close()
+    elif a.scenario == "cpu_misses":  # exact on the device, misses computed on the CPU instead of uploaded
+        full = build(a, policy="full", n_batch=1, n_ubatch=1)
+        toks = full.tokenize(PROMPT, add_bos=True)[:12]
+        res["full_tokens"] = np.array(greedy(full, toks, 16))
+        full.close()
+        for cpu in (0, 1):
+            llm = build(a, policy="exact", experts_per_layer=4, n_batch=1, n_ubatch=1)
+            llm.miss_cpu_tokens = cpu  # (what the profile measures: here both ways are run)
+            res[f"tokens_{cpu}"] = np.array(greedy(llm, toks, 16))
+            res[f"swaps_{cpu}"] = llm.telemetry().swaps
+            res[f"streamed_{cpu}"] = llm.policy.streamed
+            llm.close()
     elif a.scenario == "generate":  # long generation: the test kills the server in the middle
         llm = build(a, policy="swapmoe", experts_per_layer=4)
         toks = llm.tokenize(PROMPT, add_bos=True)

@@ -184,6 +184,17 @@ def test_rpc_server_memory_stays_within_vram_budget(servers, tmp_path):
     assert 0 < weights <= used <= budget, (weights, used, budget)
 
 
+def test_exact_misses_computed_on_the_cpu_instead_of_uploaded(servers, tmp_path):
+    """Slots on a device and the profile saying the CPU is faster for one token: `exact`'s decode
+    steps compute missing experts on the CPU (from RAM) and upload nothing, with the full model's
+    greedy tokens either way."""
+    srv = servers()
+    r = client(tmp_path, "cpu_misses", "--rpc", srv.endpoint, "--ngl", "99")
+    assert r["tokens_0"].tolist() == r["full_tokens"].tolist() == r["tokens_1"].tolist()
+    assert int(r["swaps_0"]) > 0 and int(r["streamed_0"]) == 0
+    assert int(r["swaps_1"]) == 0 and int(r["streamed_1"]) > 0
+
+
 def test_a_live_budget_change_stays_within_vram_budget(servers, tmp_path):
     """set_budget (the server's live knob) lowers S to what --vram-budget admits, and refuses an
     explicit S above it in one line, keeping the old one."""

@@ -45,6 +45,7 @@ class Runtime(Protocol):
     policy: ResidencyPolicy
     expert_ffn: "dict[int, ExpertFFN]"
     pending: "list[tuple[int, int, int, Future[StagedExpert]]]"  # (layer, slot, expert, read)
+    miss_cpu_tokens: int  # slots on a device: misses used by at most this many tokens are computed on the CPU
     input_ids: "np.ndarray"
 
     def eval(self, tokens: Sequence[int]) -> None: ...

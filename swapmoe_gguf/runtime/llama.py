@@ -143,6 +143,9 @@ class SwapMoELlama(Llama):
             self.placement = replace(self.placement, memory=self._auto_tier(
                 info, self.placement.memory, budget, n_gpu_layers, int(kwargs.get("n_threads") or 0)))
         self.memory = self.placement.memory
+        # slots on a device: a missing expert needed by at most this many tokens of a micro-batch is computed
+        # on the CPU from RAM (lossless path) rather than uploaded into a slot (the profile measures both)
+        self.miss_cpu_tokens = self._miss_cpu_tokens(info, plan, n_gpu_layers, int(kwargs.get("n_threads") or 0))
         self.requested_policy = policy  # what a budget change returns to when not everything fits
         if self.memory.slots == n_expert and policy != "full":
             log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
@@ -218,6 +221,17 @@ class SwapMoELlama(Llama):
         for r in t.reasons:
             log.info("RAM tier: %s", r)
         return replace(mem, ram_tier=t.ram_tier)
+
+    def _miss_cpu_tokens(self, info: Any, plan: Plan | None, n_gpu_layers: int, threads: int) -> int:
+        """From the plan, else from the cached device profile (0 without one, or with slots on the host)."""
+        if not (self.placement.offload and n_gpu_layers):
+            return 0
+        if plan is not None:
+            return plan.miss_cpu_tokens
+        from ..planning.profile import cached_profile
+
+        prof = cached_profile(info, threads=threads, n_gpu_layers=n_gpu_layers)
+        return prof.miss_cpu_tokens() if prof else 0
 
     def _attach_tier(self) -> None:
         """Build the RAM tier (`memory.ram_tier` bytes; in the offload device's pinned host memory where
