@@ -104,24 +104,36 @@ def test_quality_targets_of_issue_13():
     assert domain_table([{**rows[0], "domains": []}]) == ""
 
 
-def test_floor_and_prefill_targets_of_issue_14():
-    """The floor's decode ratio priced with the trained model's loads on the synthetic model's shape, and
+def test_floor_speed_and_prefill_targets():
+    """Issue #28: the floor's KL and decode against swapmoe's, both measured on the one model, with the
+    cause of a miss; swapmoe against static and `exact` against its bound, with causes; issue #14:
     `exact`'s prefill against `full`'s on both prompts with the short prompt's disk floor."""
-    from swapmoe_gguf.commands.bench_report import floor_targets, prefill_targets
+    from swapmoe_gguf.commands.bench_report import floor_targets, prefill_targets, speed_targets
 
-    meta = {"read_mb_s": 2000.0, "prompt_tokens": 64, "long_prompt_tokens": 448,
-            "speed_shape": {"moe_layers": 4, "top_k": 8, "expert_bytes": 5_000_000},
-            "quality_shape": {"moe_layers": 6, "top_k": 4}}
-    q = lambda tau, kl, swaps: {"policy": "swapmoe", "budget_pct": 50.0, "max_dropped_mass": tau, "kl": kl,  # noqa: E731
-                                "decode_tokens": 100, "decode_swaps": swaps}
-    sp = lambda tau, tok: {"policy": "swapmoe", "budget_pct": 50.0, "max_dropped_mass": tau, "decode_tok_s": tok}  # noqa: E731
-    # the floor loads 48 experts beyond swapmoe's 24 over 100 tokens x 6 layers x top-4: 2 % of selections;
-    # on the synthetic shape 0.02 x 4 x 8 x 5 MB at 2000 MB/s = 1.6 ms on swapmoe's 8 ms per token
-    line, = floor_targets([sp(1.0, 125.0), sp(0.3, 30.0)], [q(1.0, 0.3, 24), q(0.3, 0.06, 72)], meta)
-    assert line.startswith("floor 0.3 at 50%: KL floor/swapmoe = 0.20 (target <= 0.33: met), decode floor/swapmoe "
-                           "= 0.24 on the synthetic model's random routing (target >= 0.7: missed)")
-    assert line.endswith("(2.0% of expert selections loaded on demand beyond swapmoe's swaps: 1.6 ms per token on "
-                         "the synthetic model) = 0.83 (target >= 0.7: met)")
+    meta = {"read_mb_s": 2000.0, "prompt_tokens": 64, "long_prompt_tokens": 448}
+    q = lambda tau, kl, hit: {"policy": "swapmoe", "budget_pct": 50.0, "max_dropped_mass": tau, "kl": kl,  # noqa: E731
+                              "hit_rate": hit, "experts_per_layer": 16, "n_expert": 32}
+    sp = lambda tau, tok, read: {"policy": "swapmoe", "budget_pct": 50.0, "max_dropped_mass": tau,  # noqa: E731
+                                 "decode_tok_s": tok, "disk_bytes_per_token": read}
+    line, = floor_targets([sp(1.0, 40.0, 1e6), sp(0.3, 32.0, 5e6)], [q(1.0, 0.3, 0.8), q(0.3, 0.05, 0.97)], meta)
+    assert line == ("floor 0.3 at 50% (S 16/32): KL floor/swapmoe = 0.17 (target <= 0.2: met), decode floor/swapmoe "
+                    "= 0.80 (target >= 0.7: met)")
+    line, = floor_targets([sp(1.0, 40.0, 1e6), sp(0.3, 20.0, 41e6)], [q(1.0, 0.3, 0.8), q(0.3, 0.09, 0.9)], meta)
+    assert line == ("floor 0.3 at 50% (S 16/32): KL floor/swapmoe = 0.30 (target <= 0.2: missed: the floor still "
+                    "misses 10.0% of the routing mass (swapmoe 20.0%)), decode floor/swapmoe = 0.50 (target >= 0.7: "
+                    "missed: 25.0 ms more per token; the floor read 38.1 MiB more per token than swapmoe (20.0 ms at "
+                    "2000 MB/s))")
+    row = lambda pol, tok, **kw: {"policy": pol, "budget_pct": 50.0, "decode_tok_s": tok, "swaps_per_token": 0.5,  # noqa: E731
+                                  "disk_bytes_per_token": 4e6, "sched_us": 300.0, "sched_share": 0.01, **kw}
+    lines = speed_targets([row("static", 50.0), row("swapmoe", 40.0), row("exact", 10.0, x_bound=2.0, bound_ms=50.0)],
+                          2000.0)
+    assert lines[0] == ("speed at 50%: swapmoe/static = 0.80 (target >= 0.95: missed: 5.0 ms more per token; swapmoe "
+                        "made 0.50 swaps and read 3.8 MiB per token (2.0 ms at 2000 MB/s), its scheduler 300 (1.0 %) "
+                        "us per token), swapmoe/exact = 4.00 (target >= 3: met)")
+    assert lines[1] == ("exact decode at 50%: 2.00x its bound (full's compute + its bytes read at the measured "
+                        "bandwidth; target <= 1.5: missed: 100.0 ms per token against 50.0 (compute 48.0 + reads 2.0); "
+                        "the other 50.0 ms are outside both: waits on reads not overlapped with compute, 0.50 swaps "
+                        "per token)")
     full = {"policy": "full", "budget_pct": 100.0, "prefill_tok_s": 200.0, "prefill_long_tok_s": 250.0, "ttft_ms": 320.0}
     exact = {"policy": "exact", "budget_pct": 50.0, "prefill_tok_s": 90.0, "prefill_long_tok_s": 180.0,
              "prefill_read_bytes": 1_200_000_000, "ttft_ms": 711.0}

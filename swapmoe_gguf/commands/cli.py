@@ -180,7 +180,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
             raise SwapMoEError(f"bench: --floors: {e}") from None
     kw = {k: v for k, v in dict(out_dir=a.output, speed_model=a.model, quality_model=a.quality_model, text=a.text,
                                 budgets=budgets, n_predict=a.n_predict, rounds=a.rounds, threads=a.threads,
-                                chunks=a.chunks, types=types, floors=floors).items() if v is not None}
+                                chunks=a.chunks, types=types, floors=floors,
+                                worst_case=a.worst_case).items() if v is not None}
     dev = device_kwargs(a)
     if dev["n_gpu_layers"] or dev["rpc_servers"]:  # the speed cells' placement; quality stays on the CPU
         kw["device"] = json.dumps(dev)
@@ -283,10 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="full/static/exact/swapmoe side by side: speed, memory and quality")
     b.add_argument("-m", "--model", default=None,
-                   help="swap-ready .gguf for speed and memory (default: a 2.4 GiB synthetic MoE built in the cache)")
-    b.add_argument("--quality-model", default=None, help="model for quality (default: the embedded default model)")
+                   help="swap-ready .gguf for speed, memory and quality (default: the bench model, the embedded "
+                        "default model with its experts widened by zeros to 4.8 MiB each, built in the cache)")
+    b.add_argument("--quality-model", default=None, help="another model for quality (default: the -m model)")
+    b.add_argument("--worst-case", action=argparse.BooleanOptionalAction, default=None,
+                   help="also the speed cells on a 2.4 GiB synthetic model of random routing, the worst case "
+                        "(default: on; off with --quick)")
     b.add_argument("--text", default=None, help="text for quality (default: the default model's held-out mixed-domain stream)")
-    b.add_argument("--budgets", default=None, help="percentages of what `full` needs (default 100,75,50,25)")
+    b.add_argument("--budgets", default=None, help="percentages: the share of each layer's experts resident (default 100,75,50,25)")
     b.add_argument("-n", "--n-predict", type=int, default=None, help="tokens decoded per measured request")
     b.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     b.add_argument("--chunks", type=int, default=None, help="evaluation chunks for quality (default 12)")
