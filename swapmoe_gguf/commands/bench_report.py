@@ -366,18 +366,20 @@ def plot(path: Path, speed: list[dict], quality: list[dict], worst: list[dict] |
         for pol in ("static", "swapmoe", "exact", "full", "plain"):
             p = sorted((r["peak_rss"] / 2 ** 30, r["decode_tok_s"]) for r in _plain_rows(rows)
                        if r["policy"] == pol and r["peak_rss"] and r["decode_tok_s"])
-            if p:
+            if p:  # the worst case: hollow markers
                 sa.plot(*zip(*p), ("o" + style) if len(p) > 1 else "s", color=colors[pol],
+                        markerfacecolor="none" if suffix else colors[pol],
                         label=("llama-cpp-python" if pol == "plain" else pol) + suffix)
         for tau in sorted({r.get("max_dropped_mass", 1.0) for r in rows} - {1.0}):
             p = sorted((r["peak_rss"] / 2 ** 30, r["decode_tok_s"]) for r in rows
                        if r.get("max_dropped_mass", 1.0) == tau and r["peak_rss"] and r["decode_tok_s"])
             if p:
                 sa.plot(*zip(*p), "o" + (style if suffix else "--"), color="tab:purple",
-                        label=f"swapmoe, floor {tau:g}{suffix}")
+                        markerfacecolor="none" if suffix else "tab:purple", label=f"swapmoe, floor {tau:g}{suffix}")
     sa.set_xlabel("peak RSS (GiB)")
     sa.set_ylabel("decode tokens/s")
-    sa.set_title("speed vs memory", fontsize=10)
+    sa.set_title("speed vs memory (hollow: random routing, the worst case)" if worst else "speed vs memory",
+                 fontsize=10)
     sa.grid(alpha=0.3)
     sa.legend(fontsize=7)
     if title:
@@ -401,5 +403,5 @@ def write(out_dir: Path, meta: dict, speed: list[dict], quality: list[dict], typ
     if png:
         paths["png"] = out_dir / "bench.png"
         plot(paths["png"], speed, quality, worst,
-             f"{meta.get('speed_model', '')} · {meta.get('machine', '')} · {meta.get('date', '')}")
+             f"{meta.get('speed_model', '')}\n{meta.get('machine', '')} · {meta.get('date', '')}")
     return paths
