@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="speed cells: layers on the devices")
     add_device_args(b)
     b.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json, bench.png")
-    b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
+    b.add_argument("--quick", action="store_true", help="a small bench model, 2 budgets, 1 round, no worst case: a smoke run")
     b.add_argument("--scale", action="store_true",
                    help="bigger than RAM: a 48-layer, ~29 GiB synthetic MoE (written once into the cache, free disk "
                         "checked first): stock llama-cpp-python (mmap) vs exact, swapmoe, static at --scale-budget")
