@@ -38,6 +38,7 @@ class SpeedCell:
     budget: str = ""         # an absolute budget ("8GiB") instead of budget_pct
     long_prompt: bool = True  # also time a prefill-only request of LONG_PROMPT_TOKENS
     device: str = ""          # JSON of SwapMoELlama's placement arguments (n_gpu_layers, rpc_servers, ...)
+    experts_per_layer: int = 0  # > 0: S experts per layer resident, no memory budget (budget_pct a share of experts)
 
     @property
     def memory_budget(self) -> str:
@@ -152,13 +153,15 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
             from ..planning.profile import load_or_measure
             from ..residency.budget import parse_budget, plan_slots
 
-            budget = parse_budget(cell.memory_budget)
+            budget = None if cell.experts_per_layer else parse_budget(cell.memory_budget)
             prof = load_or_measure(info, SwapMoELlama, threads=cell.threads, n_gpu_layers=ngl)
             # the S the runtime picks for this budget (as for static and exact), then F and Q for it
-            slots = plan_slots(estimate(info, n_ctx=cell.n_ctx, n_batch=kw["n_batch"]), budget, None).slots
+            slots = cell.experts_per_layer or plan_slots(estimate(info, n_ctx=cell.n_ctx, n_batch=kw["n_batch"]),
+                                                         budget, None).slots
             plan = make_plan(info, prof, budget, n_ctx=cell.n_ctx, threads=cell.threads, experts_per_layer=slots)
-        llm = SwapMoELlama(cell.model, policy=cell.policy, memory_budget=cell.memory_budget, plan=plan,
-                           max_dropped_mass=cell.max_dropped_mass, **dev, **kw)
+        llm = SwapMoELlama(cell.model, policy=cell.policy, plan=plan, max_dropped_mass=cell.max_dropped_mass,
+                           memory_budget=None if cell.experts_per_layer else cell.memory_budget,
+                           experts_per_layer=cell.experts_per_layer or None, **dev, **kw)
     ours = isinstance(llm, SwapMoELlama)
     try:
         # Teacher-forced: every cell decodes the same token stream (a text, one token per step), so
@@ -213,7 +216,9 @@ def run_speed_cell(cell: SpeedCell) -> dict[str, Any]:
             llm.score_pending()
             t = llm.telemetry_
             hits = t.hit_count - before[2]
-            out |= {"budget_bytes": llm.budget_bytes or full_bytes, "experts_per_layer": llm.vmodel.slots,
+            # with S given (no budget): what the runtime's estimate says S needs, so peak RSS checks it
+            need = llm.memory.total() if cell.experts_per_layer else full_bytes
+            out |= {"budget_bytes": llm.budget_bytes or need, "experts_per_layer": llm.vmodel.slots,
                     "repacked_tensors": len(llm.vmodel.repacked),
                     "hit_rate": (t.hit_mass - before[1]) / hits if hits else (1.0 if cell.policy == "full" else None),
                     "swaps_per_token": (t.swaps - before[0]) / len(steps),
@@ -238,13 +243,24 @@ def _run_in_child(cell: SpeedCell, timeout: float) -> dict[str, Any]:
 
 
 def speed_cells(model: str, budgets: list[float], n_predict: int, threads: int, n_ctx: int,
-                floors: tuple[float, ...] = (), device: str = "") -> list[SpeedCell]:
+                floors: tuple[float, ...] = (), device: str = "", share_of_experts: bool = False) -> list[SpeedCell]:
+    """`full` and plain at 100 %, then every policy (and swapmoe with each floor) at each budget below:
+    a whole-process memory budget of that % of what `full` needs, or with `share_of_experts` that %
+    of each layer's experts resident (S), with no memory budget."""
+    from ..fileformat.reader import read_gguf
+
     cells = [SpeedCell(model, p, 100.0, n_predict, threads, n_ctx, device=device) for p in ("full", "plain")]
+    info = read_gguf(model) if share_of_experts else None
     for b in budgets:
         if b < 100:
-            cells += [SpeedCell(model, p, b, n_predict, threads, n_ctx, device=device) for p in SPEED_POLICIES]
-            cells += [SpeedCell(model, "swapmoe", b, n_predict, threads, n_ctx, max_dropped_mass=t, device=device)
-                      for t in floors]
+            s = 0
+            if info is not None:
+                k = info.params.n_expert_used
+                s = max(k, min(info.n_expert, round(b / 100 * info.n_expert)))
+            cells += [SpeedCell(model, p, b, n_predict, threads, n_ctx, device=device, experts_per_layer=s)
+                      for p in SPEED_POLICIES]
+            cells += [SpeedCell(model, "swapmoe", b, n_predict, threads, n_ctx, max_dropped_mass=t, device=device,
+                                experts_per_layer=s) for t in floors]
     return cells
 
 

@@ -194,7 +194,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
             raise SwapMoEError(f"bench: --floors: {e}") from None
     kw = {k: v for k, v in dict(out_dir=a.output, speed_model=a.model, quality_model=a.quality_model, text=a.text,
                                 budgets=budgets, n_predict=a.n_predict, rounds=a.rounds, threads=a.threads,
-                                chunks=a.chunks, types=types, floors=floors).items() if v is not None}
+                                chunks=a.chunks, types=types, floors=floors,
+                                worst_case=a.worst_case).items() if v is not None}
     dev = device_kwargs(a)
     if dev["n_gpu_layers"] or dev["rpc_servers"]:  # the speed cells' placement; quality stays on the CPU
         kw["device"] = json.dumps(dev)
@@ -302,10 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="full/static/exact/swapmoe side by side: speed, memory and quality")
     b.add_argument("-m", "--model", default=None,
-                   help="swap-ready .gguf for speed and memory (default: a 2.4 GiB synthetic MoE built in the cache)")
-    b.add_argument("--quality-model", default=None, help="model for quality (default: the embedded default model)")
+                   help="swap-ready .gguf for speed, memory and quality (default: the bench model, the embedded "
+                        "default model with its experts widened by zeros to 4.8 MiB each, built in the cache)")
+    b.add_argument("--quality-model", default=None, help="another model for quality (default: the -m model)")
+    b.add_argument("--worst-case", action=argparse.BooleanOptionalAction, default=None,
+                   help="also the speed cells on a 2.4 GiB synthetic model of random routing, the worst case "
+                        "(default: on; off with --quick)")
     b.add_argument("--text", default=None, help="text for quality (default: the default model's held-out mixed-domain stream)")
-    b.add_argument("--budgets", default=None, help="percentages of what `full` needs (default 100,75,50,25)")
+    b.add_argument("--budgets", default=None, help="percentages: the share of each layer's experts resident (default 100,75,50,25)")
     b.add_argument("-n", "--n-predict", type=int, default=None, help="tokens decoded per measured request")
     b.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     b.add_argument("--chunks", type=int, default=None, help="evaluation chunks for quality (default 12)")
@@ -317,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="speed cells: layers on the devices")
     add_device_args(b)
     b.add_argument("-o", "--output", default=None, help="directory for bench.md, bench.json, bench.png")
-    b.add_argument("--quick", action="store_true", help="a small synthetic model, 2 budgets, 1 round: a smoke run")
+    b.add_argument("--quick", action="store_true", help="a small bench model, 2 budgets, 1 round, no worst case: a smoke run")
     b.add_argument("--scale", action="store_true",
                    help="bigger than RAM: a 48-layer, ~29 GiB synthetic MoE (written once into the cache, free disk "
                         "checked first): stock llama-cpp-python (mmap) vs exact, swapmoe, static at --scale-budget")
