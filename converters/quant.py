@@ -26,6 +26,7 @@ class OutType:
     ftype: FT            # recorded as general.file_type
     base: Q              # type of the large 2D weights when encoded here
     kquant: bool = False  # True: encode at `base` (F16), then llama.cpp quantizes to `ftype`
+    builtin: bool = True  # the hand-written converter writes it too (else only through llama.cpp's classes)
 
 
 OUT_TYPES: dict[str, OutType] = {t.name: t for t in (
@@ -38,6 +39,11 @@ OUT_TYPES: dict[str, OutType] = {t.name: t for t in (
     OutType("q5_k_m", FT.MOSTLY_Q5_K_M, Q.F16, kquant=True),
     OutType("q6_k", FT.MOSTLY_Q6_K, Q.F16, kquant=True),
     OutType("iq4_nl", FT.MOSTLY_IQ4_NL, Q.F16, kquant=True),  # llama.cpp's quantizer; no importance matrix needed
+    # more of llama-quantize's names (those that need no importance matrix), through its quantizer
+    *(OutType(n, ft, Q.F16, kquant=True, builtin=False) for n, ft in (
+        ("q4_1", FT.MOSTLY_Q4_1), ("q5_0", FT.MOSTLY_Q5_0), ("q5_1", FT.MOSTLY_Q5_1), ("q2_k", FT.MOSTLY_Q2_K),
+        ("q3_k_s", FT.MOSTLY_Q3_K_S), ("q3_k_m", FT.MOSTLY_Q3_K_M), ("q3_k_l", FT.MOSTLY_Q3_K_L),
+        ("q4_k_s", FT.MOSTLY_Q4_K_S), ("q5_k_s", FT.MOSTLY_Q5_K_S), ("iq4_xs", FT.MOSTLY_IQ4_XS))),
 )}
 
 

@@ -323,6 +323,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     _r("granitemoe-swa", "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", "granitemoe with sliding-window layers",
        num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, sliding_window=8,
        embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.2),
+    _r("hy-v3", "HYV3Config", "HYV3ForCausalLM",
+       "sigmoid + selection bias written as blk.N.exp_probs_b (no suffix), scale, dense layer 0, shared, QK-norm",
+       num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+       num_shared_experts=1, head_dim=16, router_scaling_factor=2.0, mlp_layer_types=["dense", "sparse", "sparse"]),
     Recipe("dbrx", "DbrxConfig", "DbrxForCausalLM",
            dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=512, initializer_range=0.1,
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
@@ -449,6 +453,36 @@ def build(name: str) -> Path:
 
     _atomic_dir(final, fill)
     return final / "model.gguf"
+
+
+def hf_checkpoint(name: str) -> Path:
+    """The Hugging Face checkpoint of recipe `name` (cached; the same bytes `build` converts)."""
+    recipe = RECIPES[name]
+    final = cache_root() / "zoo-hf" / f"{name}-{recipe.key()}"
+
+    def fill(tmp: Path) -> None:
+        try:
+            build_hf(recipe, tmp)
+        except Exception as e:  # noqa: BLE001
+            raise ZooError("build", f"{type(e).__name__}: {e}".splitlines()[0][:300]) from e
+
+    return _atomic_dir(final, fill)
+
+
+def convert_ours(name: str, out: Path) -> Path:
+    """`swapmoe convert HF_DIR --engine llamacpp` of recipe `name`, with the zoo's options (its
+    convert_args, its --outtype, every tokenizer read from tokenizer.model as `build` does)."""
+    recipe = RECIPES[name]
+    hf = hf_checkpoint(name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["SWAPMOE_LLAMACPP_CONVERTER"] = str(llamacpp_converter())
+    args = ["--engine", "llamacpp", "--vocab", "sentencepiece", "--type", recipe.outtype, "--force", "--no-progress"]
+    args += [a for a in recipe.convert_args if a in ("--no-mtp", "--fuse-gate-up-exps")]
+    proc = subprocess.run([sys.executable, "-m", "swapmoe_gguf", "convert", str(hf), "-o", str(out), *args],
+                          capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    if proc.returncode != 0 or not out.is_file():
+        raise ZooError("swapmoe convert", first_error_line(proc.stdout + proc.stderr), proc.stdout + proc.stderr)
+    return out
 
 
 def _our_converter_hash() -> str:
