@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     a = ap.parse_args(argv)
+    held = _Held()
     logging.basicConfig(level=logging.DEBUG if a.verbose > 1 else logging.INFO if a.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", handlers=[] if a.verbose else [held])
     hf = Path(a.hf_dir)
     try:
         import gguf
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             _write(model, a.progress)
         w = SwapReadyGGUFWriter.instances[-1]
         print(f"arch={w.arch} n_expert={w.n_expert} moe_layers={len(w.moe_layers)}")
+        held.show()
     except SystemExit:
         raise
     except SwapMoEError as e:
@@ -97,6 +99,22 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(__name__).debug("conversion failed", exc_info=True)
         _fail(a.errfile, f"{hf}: llama.cpp's converter failed: {type(e).__name__}: {e}")
     _ = conversion
+
+
+class _Held(logging.Handler):
+    """The converter's warnings, shown once the conversion succeeded (a failure is one line, alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("swapmoe: %(levelname)s: llama.cpp's converter: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def show(self) -> None:  # (not `release`: logging.Handler's lock method)
+        for line in dict.fromkeys(self.lines):
+            print(line, file=sys.stderr)
 
 
 def _write(model, progress: bool) -> None:  # type: ignore[no-untyped-def]
