@@ -72,8 +72,10 @@ def _use_llamacpp(src: Path, engine: str, opts: "LlamaCppOptions | None", type_n
     from . import archs as _archs  # noqa: F401  (registers the built-in architectures)
     from .registry import HFConfig, supported
 
-    names = HFConfig.load(src).get("architectures") or []
-    builtin = isinstance(names, list) and any(n in supported() for n in names)
+    names = HFConfig.load(src).get("architectures")
+    if not names or not isinstance(names, list):
+        return False  # the built-in path says what is wrong with config.json
+    builtin = any(n in supported() for n in names)
     return not builtin or (opts is not None and opts != type(opts)()) or not out_type(type_name).builtin
 
 

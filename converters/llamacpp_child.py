@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             cls = get_model_class(arch)
         except (NotImplementedError, KeyError):
-            _fail(a.errfile, f"{hf / 'config.json'}: architecture {arch} is not known to llama.cpp's converter "
-                             f"(llama-cpp-python {_version(a.conv)})")
+            _fail(a.errfile, f"{hf / 'config.json'}: architecture {arch} is not supported: not known to llama.cpp's "
+                             f"converter (llama-cpp-python {_version(a.conv)})")
         if a.no_mtp:
             if not getattr(cls, "supports_mtp_export", False):
                 _fail(a.errfile, f"{hf}: --no-mtp is not supported for {arch} by llama.cpp's converter")

@@ -212,3 +212,31 @@ def test_types_through_llamacpps_quantizer(ours, tmp_path):
     assert {t.qtype.name for t in info.tensors if t.is_expert} <= {"Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0",
                                                                     "Q5_1", "Q4_1", "IQ4_NL"}
     assert not list(tmp_path.glob(".*partial*"))
+
+
+# the hand-written converter (converters/archs.py) stays the default for its 5 architectures: it needs
+# neither torch nor the network, streams one expert at a time, and writes llama.cpp's bytes
+BUILTIN = ["mixtral", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "mixtral-q8_0"]
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_engine_writes_llamacpps_tensors(tmp_path, name):
+    from swapmoe_gguf.converters import convert
+
+    out = tmp_path / "builtin.gguf"
+    convert(zoo.hf_checkpoint(name), out, zoo.RECIPES[name].outtype, progress=False, engine="builtin")
+    mine, theirs = read_gguf(out), read_gguf(_llamacpp(name))
+    assert {t.name for t in mine.tensors} == {t.name for t in theirs.tensors}
+    by_name = {t.name: t for t in mine.tensors}
+    for b in theirs.tensors:
+        a = by_name[b.name]
+        assert (a.shape, a.qtype) == (b.shape, b.qtype), a.name
+        assert _data(mine, a) == _data(theirs, b), f"{a.name}: bytes differ"
+
+
+def test_auto_engine_picks_llamacpp_beyond_the_builtin_five(tmp_path):
+    from swapmoe_gguf.converters import _use_llamacpp
+
+    assert not _use_llamacpp(zoo.hf_checkpoint("mixtral"), "auto", None, "q8_0")
+    assert _use_llamacpp(zoo.hf_checkpoint("mixtral"), "auto", None, "q5_k_s")  # a type only llama.cpp's path has
+    assert _use_llamacpp(zoo.hf_checkpoint("dots1"), "auto", None, "f16")
