@@ -45,18 +45,30 @@ ENGINES = ("auto", "llamacpp", "builtin")
 
 def convert(src: str | Path, dst: str | Path, type_name: str | None = None, *, force: bool = False,
             progress: bool | None = None, threads: int = 0, engine: str = "auto",
-            llamacpp: "LlamaCppOptions | None" = None) -> ConvertResult:
+            llamacpp: "LlamaCppOptions | None" = None, imatrix: str | Path | None = None) -> ConvertResult:
     """`engine` (Hugging Face checkpoints): "llamacpp" runs llama.cpp's own converter classes (every
     architecture it knows), "builtin" the hand-written ones of `archs.py` (5 architectures, no torch,
-    no network), "auto" the built-in ones where they apply, llama.cpp's otherwise."""
+    no network), "auto" the built-in ones where they apply, llama.cpp's otherwise. `imatrix`: llama.cpp's
+    importance matrix file, for the types its quantizer makes (not f32/f16/bf16/q8_0)."""
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ConvertError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     if src.is_dir():
-        if _use_llamacpp(src, engine, llamacpp, type_name or "f16"):
-            return _convert_llamacpp(src, dst, type_name or "f16", force, progress, threads, llamacpp, t0)
-        return _convert_hf(src, dst, type_name or "f16", force, progress, threads, t0)
+        out = out_type(type_name or "f16")
+        if imatrix is not None:
+            if out.name in ("f32", "f16", "bf16", "q8_0"):
+                raise ConvertError(f"--imatrix applies to the types llama.cpp's quantizer makes, not {out.name}")
+            from .imatrix import load_imatrix
+
+            load_imatrix(Path(imatrix))  # a bad file is refused before the conversion, not after it
+        elif out.needs_imatrix:
+            raise ConvertError(f"--type {out.name} needs an importance matrix (--imatrix FILE, from llama-imatrix)")
+        if _use_llamacpp(src, engine, llamacpp, out.name) or (imatrix is not None and not out.kquant):
+            if engine == "builtin":
+                raise ConvertError(f"--engine builtin cannot use --imatrix with --type {out.name}")
+            return _convert_llamacpp(src, dst, out.name, force, progress, threads, llamacpp, t0, imatrix)
+        return _convert_hf(src, dst, out.name, force, progress, threads, t0, imatrix)
     if src.is_file():
         if type_name is not None:
             raise ConvertError(f"{src}: --type applies to Hugging Face checkpoints; a GGUF is re-laid out "
@@ -80,14 +92,15 @@ def _use_llamacpp(src: Path, engine: str, opts: "LlamaCppOptions | None", type_n
 
 
 def _convert_llamacpp(src: Path, dst: Path, type_name: str, force: bool, progress: bool | None, threads: int,
-                      opts: "LlamaCppOptions | None", t0: float) -> ConvertResult:
+                      opts: "LlamaCppOptions | None", t0: float, imatrix: str | Path | None = None) -> ConvertResult:
     from .llamacpp_hf import LlamaCppOptions, convert_llamacpp
 
     out = out_type(type_name)
     if not (src / "config.json").is_file():
         raise ConvertError(f"{src / 'config.json'}: missing (not a Hugging Face checkpoint directory?)")
     with atomic_output(dst, force) as tmp:
-        arch, aligned = convert_llamacpp(src, tmp, out, opts or LlamaCppOptions(), progress, threads)
+        arch, aligned = convert_llamacpp(src, tmp, out, opts or LlamaCppOptions(), progress, threads,
+                                         Path(imatrix) if imatrix is not None else None)
         note = None if aligned else read_gguf(tmp).unaligned_reason()
         size = tmp.stat().st_size
     if note:
@@ -96,7 +109,7 @@ def _convert_llamacpp(src: Path, dst: Path, type_name: str, force: bool, progres
 
 
 def _convert_hf(src: Path, dst: Path, type_name: str, force: bool, progress: bool | None, threads: int,
-                t0: float) -> ConvertResult:
+                t0: float, imatrix: str | Path | None = None) -> ConvertResult:
     from .hf import plan_hf, write_hf
     from .quant import llama_quantize
     from .relayout import relayout
@@ -111,7 +124,7 @@ def _convert_hf(src: Path, dst: Path, type_name: str, force: bool, progress: boo
                 f16 = tmp.with_name(tmp.name + ".f16")
                 quant = tmp.with_name(tmp.name + ".quant")
                 write_hf(plan, f16, out, DEFAULT_ALIGNMENT, final=False, progress=progress)
-                llama_quantize(f16, quant, out, threads)
+                llama_quantize(f16, quant, out, threads, Path(imatrix) if imatrix is not None else None)
                 f16.unlink()
                 aligned = relayout(quant, tmp, read_gguf(quant), progress)
                 info = read_gguf(tmp)

@@ -67,7 +67,7 @@ def run_child(src: Path, dst: Path, outtype: str, opts: LlamaCppOptions, *, inte
 
 
 def convert_llamacpp(src: Path, tmp: Path, out: OutType, opts: LlamaCppOptions, progress: bool | None,
-                     threads: int) -> tuple[str, bool]:
+                     threads: int, imatrix: Path | None = None) -> tuple[str, bool]:
     """Write the swap-ready file to `tmp`; returns (llama.cpp architecture, expert slices page-aligned)."""
     if out.name in NATIVE:
         run_child(src, tmp, out.name, opts, intermediate=False, progress=progress)
@@ -79,7 +79,7 @@ def convert_llamacpp(src: Path, tmp: Path, out: OutType, opts: LlamaCppOptions, 
         quant = tmp.with_name(tmp.name + ".quant")
         try:
             run_child(src, f16, "f16", opts, intermediate=True, progress=progress)
-            llama_quantize(f16, quant, out, threads)
+            llama_quantize(f16, quant, out, threads, imatrix)
             f16.unlink()
             relayout(quant, tmp, read_gguf(quant), progress)
         finally:

@@ -240,3 +240,80 @@ def test_auto_engine_picks_llamacpp_beyond_the_builtin_five(tmp_path):
     assert not _use_llamacpp(zoo.hf_checkpoint("mixtral"), "auto", None, "q8_0")
     assert _use_llamacpp(zoo.hf_checkpoint("mixtral"), "auto", None, "q5_k_s")  # a type only llama.cpp's path has
     assert _use_llamacpp(zoo.hf_checkpoint("dots1"), "auto", None, "f16")
+
+
+# ------------------------------------------------------------------------------------------------
+# --imatrix: llama.cpp's importance matrix formats, used by its quantizer
+# ------------------------------------------------------------------------------------------------
+
+def _imatrix_for(gguf: Path, out: Path, seed: int = 0) -> Path:
+    """A GGUF importance matrix (llama-imatrix's format) for every 2-D+ weight of `gguf`."""
+    import gguf as g
+
+    info = read_gguf(gguf)
+    rng = np.random.default_rng(seed)
+    w = g.GGUFWriter(out, arch="imatrix")
+    w.add_key_value("imatrix.datasets", ["random"], g.GGUFValueType.ARRAY, g.GGUFValueType.STRING)
+    w.add_uint32("imatrix.chunk_count", 4)
+    w.add_uint32("imatrix.chunk_size", 64)
+    for t in info.tensors:
+        if len(t.shape) < 2 or not t.name.endswith(".weight"):
+            continue
+        n_mat = t.shape[0] if t.is_expert else 1
+        w.add_tensor(f"{t.name}.in_sum2", (rng.random((n_mat, t.shape[-1])) ** 4 * 256).astype(np.float32))
+        w.add_tensor(f"{t.name}.counts", np.full((n_mat, 1), 256, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_imatrix_changes_what_llamacpps_quantizer_writes(tmp_path, monkeypatch):
+    from swapmoe_gguf.converters import convert
+    from swapmoe_gguf.converters.llamacpp_hf import LlamaCppOptions
+
+    hf, opts = zoo.hf_checkpoint("qwen3moe"), LlamaCppOptions(vocab="sentencepiece")
+    monkeypatch.setenv("SWAPMOE_LLAMACPP_CONVERTER", str(zoo.llamacpp_converter()))
+    plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
+    convert(hf, plain, "q4_0", progress=False, engine="llamacpp", llamacpp=opts)
+    imat = _imatrix_for(plain, tmp_path / "imatrix.gguf")
+    convert(hf, weighted, "q4_0", progress=False, engine="llamacpp", llamacpp=opts, imatrix=imat)
+    a, b = read_gguf(plain), read_gguf(weighted)
+    assert a.swap_ready and b.swap_ready
+    experts = [(x, y) for x, y in zip(a.tensors, b.tensors) if x.is_expert]
+    assert experts and all(x.qtype == y.qtype and x.qtype.name == "Q4_0" for x, y in experts)
+    assert all(_data(a, x) != _data(b, y) for x, y in experts), "the importance matrix was not used"
+
+
+def test_imatrix_legacy_format_reads_as_llama_quantize_does(tmp_path):
+    import struct
+
+    from swapmoe_gguf.converters.imatrix import load_imatrix
+
+    p = tmp_path / "old.dat"
+    vals = np.arange(1, 9, dtype=np.float32)
+    name = b"blk.0.attn_q.weight"
+    p.write_bytes(struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 4, 8)
+                  + vals.tobytes() + struct.pack("<i", 10) + struct.pack("<i", 4) + b"wiki")
+    got = load_imatrix(p)
+    np.testing.assert_array_equal(got["blk.0.attn_q.weight"], vals / 4)
+
+
+@pytest.mark.parametrize("content,needle", [(b"GGUF" + b"\0" * 20, "not a readable GGUF importance matrix"),
+                                            (b"\x05\0\0\0garbage", "importance matrix")])
+def test_bad_imatrix_refused_before_converting(tmp_path, content, needle):
+    bad = tmp_path / "bad.imatrix"
+    bad.write_bytes(content)
+    out = tmp_path / "o.gguf"
+    r = run_cli("convert", zoo.hf_checkpoint("qwen3moe"), "-o", out, "--type", "q4_k_m", "--imatrix", bad,
+                "--engine", "llamacpp", env=_env())
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0] and str(bad) in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_types_that_need_an_imatrix_say_so(tmp_path):
+    r = run_cli("convert", zoo.hf_checkpoint("qwen3moe"), "-o", tmp_path / "o.gguf", "--type", "iq2_xxs",
+                "--engine", "llamacpp", env=_env())
+    assert r.returncode == 2 and "needs an importance matrix" in r.stderr and not (tmp_path / "o.gguf").exists()
