@@ -157,3 +157,20 @@ def test_a_converter_failure_names_its_cause():
     transformers' KimiLinearConfig does not write; the failure is reported with its cause, not hidden."""
     with pytest.raises(zoo.ZooError, match="convert: KeyError: 'linear_attn_config'"):
         zoo.build("kimi-linear")
+
+
+def test_every_per_expert_array_is_a_slot_row():
+    """Arrays with an n_expert dimension are remapped to the resident experts like the expert weights
+    (Hunyuan v3 writes its selection bias as `blk.N.exp_probs_b`, without a suffix: issue 27)."""
+    from swapmoe_gguf.llamacpp.vmodel import row_kind
+
+    n = 8
+    assert row_kind("blk.1.ffn_gate_inp.weight", (n, 64), n) == "router"
+    assert row_kind("blk.1.ffn_gate_inp.bias", (n,), n) == "router_bias"
+    assert row_kind("blk.1.exp_probs_b.bias", (n,), n) == "selection_bias"
+    assert row_kind("blk.1.exp_probs_b", (n,), n) == "selection_bias"
+    assert row_kind("blk.1.exp_probs_b.bias", (1, n), n) == "selection_bias"  # ERNIE's shape
+    assert row_kind("blk.1.ffn_down_exps.scale", (n,), n) == "other"        # per-expert scales
+    assert row_kind("blk.1.ffn_gate_inp_shexp.weight", (n,), n) is None      # the shared expert's gate
+    assert row_kind("blk.1.attn_sinks.weight", (n,), n) is None              # n_head == n_expert by chance
+    assert row_kind("blk.1.exp_probs_b", (16,), n) is None

@@ -317,3 +317,23 @@ def test_types_that_need_an_imatrix_say_so(tmp_path):
     r = run_cli("convert", zoo.hf_checkpoint("qwen3moe"), "-o", tmp_path / "o.gguf", "--type", "iq2_xxs",
                 "--engine", "llamacpp", env=_env())
     assert r.returncode == 2 and "needs an importance matrix" in r.stderr and not (tmp_path / "o.gguf").exists()
+
+
+def test_tokenizer_as_llamacpp_writes_it(tmp_path, monkeypatch):
+    """--vocab auto: the architecture's own tokenizer code (Mixtral's: sentencepiece), its special tokens
+    and chat template from tokenizer_config.json, as llama.cpp's converter writes them."""
+    from swapmoe_gguf.converters import convert
+
+    monkeypatch.setenv("SWAPMOE_LLAMACPP_CONVERTER", str(zoo.llamacpp_converter()))
+    src = _copy("mixtral", tmp_path / "hf")
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>",
+                                                           "eos_token": "</s>", "add_bos_token": True}))
+    out = tmp_path / "o.gguf"
+    convert(src, out, "f32", progress=False, engine="llamacpp")
+    mine, theirs = read_gguf(out), read_gguf(_llamacpp("mixtral"))
+    assert mine.get("tokenizer.ggml.model") == "llama"
+    assert mine.get("tokenizer.ggml.tokens") == theirs.get("tokenizer.ggml.tokens")
+    assert mine.get("tokenizer.chat_template") == template
+    assert mine.get("tokenizer.ggml.add_bos_token") is True
+    assert mine.get("tokenizer.ggml.bos_token_id") == 1
