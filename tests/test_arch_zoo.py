@@ -28,7 +28,8 @@ WORKING = ["mixtral", "qwen3moe", "gpt-oss", "deepseek-v3", "deepseek-v2", "glm4
            "qwen3next", "qwen3next-fused", "granite-hybrid", "qwen2moe", "olmoe", "dots1", "minimax-m2", "granitemoe",
            "hunyuan-moe", "lfm2-moe", "afmoe", "exaone-moe", "qwen3.5-moe", "glm4moe-lite", "cohere2moe",
            "granitemoe-shared", "laguna", "dbrx", "deepseek-v3.2", "granitemoe-swa", "glm4moe-mtp-decl", "nemotron-h",
-           "mixtral-q8_0", "deepseek-v3-q8_0", "gpt-oss-q8_0", "mimo-v2-flash", "hy-v3"]
+           "mixtral-q8_0", "deepseek-v3-q8_0", "gpt-oss-q8_0", "mimo-v2-flash", "hy-v3",
+           "phimoe", "solar-open", "glm-moe-dsa"]
 # `exact` cuts their prompts into micro-batches of S // k tokens: expert_compute does not reproduce their
 # expert FFN (expert biases and the clamped SwiGLU of gpt-oss, llama4's weights applied before the FFN,
 # lfm2's expert input, nemotron-h's ungated squared ReLU); every other arch runs a prompt in one graph
