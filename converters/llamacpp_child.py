@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     from .llamacpp_writer import SwapReadyGGUFWriter
 
     try:
-        import conversion
         from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
     except Exception as e:  # noqa: BLE001
         _fail(a.errfile, f"{a.conv}: llama.cpp's converter cannot be imported ({type(e).__name__}: {e})")
@@ -98,7 +97,6 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as e:  # noqa: BLE001  -- llama.cpp's converter raises anything; one line names it
         logging.getLogger(__name__).debug("conversion failed", exc_info=True)
         _fail(a.errfile, f"{hf}: llama.cpp's converter failed: {type(e).__name__}: {e}")
-    _ = conversion
 
 
 class _Held(logging.Handler):

@@ -337,3 +337,17 @@ def test_tokenizer_as_llamacpp_writes_it(tmp_path, monkeypatch):
     assert mine.get("tokenizer.chat_template") == template
     assert mine.get("tokenizer.ggml.add_bos_token") is True
     assert mine.get("tokenizer.ggml.bos_token_id") == 1
+
+
+def test_bf16_norms_from_the_written_experts(ours, tmp_path, monkeypatch):
+    """--type bf16 (encoded by llama.cpp's converter): the norms come from the bf16 expert slices."""
+    from swapmoe_gguf.converters import convert
+    from swapmoe_gguf.converters.llamacpp_hf import LlamaCppOptions
+
+    monkeypatch.setenv("SWAPMOE_LLAMACPP_CONVERTER", str(zoo.llamacpp_converter()))
+    out = tmp_path / "bf16.gguf"
+    convert(zoo.hf_checkpoint("qwen3moe"), out, "bf16", progress=False, engine="llamacpp",
+            llamacpp=LlamaCppOptions(vocab="sentencepiece"))
+    info, ref = read_gguf(out), read_gguf(ours.get("qwen3moe"))
+    assert {t.qtype.name for t in info.tensors if t.is_expert} == {"BF16"}
+    np.testing.assert_allclose(info.expert_norms, ref.expert_norms, rtol=1e-2)
