@@ -357,6 +357,10 @@ for _base in ("mixtral", "deepseek-v3", "gpt-oss"):
     _q = dataclasses.replace(RECIPES[_base], name=f"{_base}-q8_0", outtype="q8_0",
                              what=f"as {_base}, --outtype q8_0")
     RECIPES[_q.name] = _q
+# F16, as llama.cpp's converter encodes it (tests/test_convert_llamacpp.py compares the bytes)
+for _base in ("mixtral", "deepseek-v3"):
+    _q = dataclasses.replace(RECIPES[_base], name=f"{_base}-f16", outtype="f16", what=f"as {_base}, --outtype f16")
+    RECIPES[_q.name] = _q
 
 
 def _perturb(model: Any, n_expert: int) -> None:
