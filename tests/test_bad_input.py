@@ -54,8 +54,11 @@ def test_unsupported_architecture(model, tmp_path):
     out = tmp_path / "o.gguf"
     _fails_cleanly(run_cli("convert", model, "-o", out, "--engine", "builtin"), "FancyMoeForCausalLM", "not supported",
                    "MixtralForCausalLM", out=out)
-    # the default engine hands it to llama.cpp's converter, which does not know it either
-    _fails_cleanly(run_cli("convert", model, "-o", out), "FancyMoeForCausalLM", "not supported",
+    # the default engine hands it to llama.cpp's converter (the zoo's copy: fetched once), which does not know it
+    import zoo
+
+    env = {"SWAPMOE_LLAMACPP_CONVERTER": str(zoo.llamacpp_converter())}
+    _fails_cleanly(run_cli("convert", model, "-o", out, env=env), "FancyMoeForCausalLM", "not supported",
                    "llama.cpp's converter", out=out)
 
 
