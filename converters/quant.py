@@ -26,6 +26,8 @@ class OutType:
     ftype: FT            # recorded as general.file_type
     base: Q              # type of the large 2D weights when encoded here
     kquant: bool = False  # True: encode at `base` (F16), then llama.cpp quantizes to `ftype`
+    builtin: bool = True  # the hand-written converter writes it too (else only through llama.cpp's classes)
+    needs_imatrix: bool = False  # llama.cpp's quantizer refuses it without an importance matrix
 
 
 OUT_TYPES: dict[str, OutType] = {t.name: t for t in (
@@ -38,6 +40,17 @@ OUT_TYPES: dict[str, OutType] = {t.name: t for t in (
     OutType("q5_k_m", FT.MOSTLY_Q5_K_M, Q.F16, kquant=True),
     OutType("q6_k", FT.MOSTLY_Q6_K, Q.F16, kquant=True),
     OutType("iq4_nl", FT.MOSTLY_IQ4_NL, Q.F16, kquant=True),  # llama.cpp's quantizer; no importance matrix needed
+    # more of llama-quantize's names (those that need no importance matrix), through its quantizer
+    *(OutType(n, ft, Q.F16, kquant=True, builtin=False) for n, ft in (
+        ("q4_1", FT.MOSTLY_Q4_1), ("q5_0", FT.MOSTLY_Q5_0), ("q5_1", FT.MOSTLY_Q5_1), ("q2_k", FT.MOSTLY_Q2_K),
+        ("q3_k_s", FT.MOSTLY_Q3_K_S), ("q3_k_m", FT.MOSTLY_Q3_K_M), ("q3_k_l", FT.MOSTLY_Q3_K_L),
+        ("q4_k_s", FT.MOSTLY_Q4_K_S), ("q5_k_s", FT.MOSTLY_Q5_K_S), ("iq4_xs", FT.MOSTLY_IQ4_XS),
+        ("q2_k_s", FT.MOSTLY_Q2_K_S), ("iq3_s", FT.MOSTLY_IQ3_S), ("iq3_m", FT.MOSTLY_IQ3_M))),
+    # those that need one (--imatrix)
+    *(OutType(n, ft, Q.F16, kquant=True, builtin=False, needs_imatrix=True) for n, ft in (
+        ("iq1_s", FT.MOSTLY_IQ1_S), ("iq1_m", FT.MOSTLY_IQ1_M), ("iq2_xxs", FT.MOSTLY_IQ2_XXS),
+        ("iq2_xs", FT.MOSTLY_IQ2_XS), ("iq2_s", FT.MOSTLY_IQ2_S), ("iq2_m", FT.MOSTLY_IQ2_M),
+        ("iq3_xxs", FT.MOSTLY_IQ3_XXS), ("iq3_xs", FT.MOSTLY_IQ3_XS))),
 )}
 
 
@@ -85,13 +98,18 @@ def encode(data: np.ndarray, qtype: Q) -> np.ndarray:
         raise QuantError(f"cannot encode {qtype.name} in numpy: {e}") from None
 
 
-def llama_quantize(src: Path, dst: Path, out: OutType, threads: int = 0) -> None:
-    """Quantize a GGUF with llama.cpp's quantizer (K-quant mixtures)."""
+def llama_quantize(src: Path, dst: Path, out: OutType, threads: int = 0, imatrix: Path | None = None) -> None:
+    """Quantize a GGUF with llama.cpp's quantizer (K-quant mixtures), with an importance matrix if given."""
     import llama_cpp  # heavy import: only when a K-quant is asked for
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(out.ftype)
     params.nthread = threads
+    keep: list = []
+    if imatrix is not None:
+        from .imatrix import imatrix_param, load_imatrix
+
+        params.imatrix, keep = imatrix_param(load_imatrix(imatrix))
     # llama.cpp reports every tensor (and each K-quant fallback) on stderr; keep it for -v.
     with tempfile.TemporaryFile() as cap:
         saved = os.dup(2)
@@ -109,3 +127,4 @@ def llama_quantize(src: Path, dst: Path, out: OutType, threads: int = 0) -> None
         log.info("%d tensor(s) had rows not divisible by 256 and got llama.cpp's fallback type", fallbacks)
     if rc != 0:
         raise QuantError(f"llama.cpp's quantizer failed on {src} for --type {out.name} (return code {rc})")
+    del keep  # the importance matrix arrays lived until llama.cpp returned

@@ -28,7 +28,8 @@ WORKING = ["mixtral", "qwen3moe", "gpt-oss", "deepseek-v3", "deepseek-v2", "glm4
            "qwen3next", "qwen3next-fused", "granite-hybrid", "qwen2moe", "olmoe", "dots1", "minimax-m2", "granitemoe",
            "hunyuan-moe", "lfm2-moe", "afmoe", "exaone-moe", "qwen3.5-moe", "glm4moe-lite", "cohere2moe",
            "granitemoe-shared", "laguna", "dbrx", "deepseek-v3.2", "granitemoe-swa", "glm4moe-mtp-decl", "nemotron-h",
-           "mixtral-q8_0", "deepseek-v3-q8_0", "gpt-oss-q8_0", "mimo-v2-flash"]
+           "mixtral-q8_0", "deepseek-v3-q8_0", "gpt-oss-q8_0", "mimo-v2-flash", "hy-v3",
+           "phimoe", "solar-open", "glm-moe-dsa"]
 # `exact` cuts their prompts into micro-batches of S // k tokens: expert_compute does not reproduce their
 # expert FFN (expert biases and the clamped SwiGLU of gpt-oss, llama4's weights applied before the FFN,
 # lfm2's expert input, nemotron-h's ungated squared ReLU); every other arch runs a prompt in one graph
@@ -159,3 +160,20 @@ def test_a_converter_failure_names_its_cause():
     transformers' KimiLinearConfig does not write; the failure is reported with its cause, not hidden."""
     with pytest.raises(zoo.ZooError, match="convert: KeyError: 'linear_attn_config'"):
         zoo.build("kimi-linear")
+
+
+def test_every_per_expert_array_is_a_slot_row():
+    """Arrays with an n_expert dimension are remapped to the resident experts like the expert weights
+    (Hunyuan v3 writes its selection bias as `blk.N.exp_probs_b`, without a suffix: issue 27)."""
+    from swapmoe_gguf.llamacpp.vmodel import row_kind
+
+    n = 8
+    assert row_kind("blk.1.ffn_gate_inp.weight", (n, 64), n) == "router"
+    assert row_kind("blk.1.ffn_gate_inp.bias", (n,), n) == "router_bias"
+    assert row_kind("blk.1.exp_probs_b.bias", (n,), n) == "selection_bias"
+    assert row_kind("blk.1.exp_probs_b", (n,), n) == "selection_bias"
+    assert row_kind("blk.1.exp_probs_b.bias", (1, n), n) == "selection_bias"  # ERNIE's shape
+    assert row_kind("blk.1.ffn_down_exps.scale", (n,), n) == "other"        # per-expert scales
+    assert row_kind("blk.1.ffn_gate_inp_shexp.weight", (n,), n) is None      # the shared expert's gate
+    assert row_kind("blk.1.attn_sinks.weight", (n,), n) is None              # n_head == n_expert by chance
+    assert row_kind("blk.1.exp_probs_b", (16,), n) is None

@@ -52,8 +52,14 @@ def test_missing_architectures(model, tmp_path):
 def test_unsupported_architecture(model, tmp_path):
     _edit_config(model, architectures=["FancyMoeForCausalLM"])
     out = tmp_path / "o.gguf"
-    _fails_cleanly(run_cli("convert", model, "-o", out), "FancyMoeForCausalLM", "not supported",
+    _fails_cleanly(run_cli("convert", model, "-o", out, "--engine", "builtin"), "FancyMoeForCausalLM", "not supported",
                    "MixtralForCausalLM", out=out)
+    # the default engine hands it to llama.cpp's converter (the zoo's copy: fetched once), which does not know it
+    import zoo
+
+    env = {"SWAPMOE_LLAMACPP_CONVERTER": str(zoo.llamacpp_converter())}
+    _fails_cleanly(run_cli("convert", model, "-o", out, env=env), "FancyMoeForCausalLM", "not supported",
+                   "llama.cpp's converter", out=out)
 
 
 @pytest.mark.parametrize("arch,changes", [
@@ -61,10 +67,11 @@ def test_unsupported_architecture(model, tmp_path):
     ("Ernie4_5_MoeForCausalLM", {"moe_num_experts": 64, "moe_k": 6}),
 ])
 def test_unsupported_moe_is_not_called_dense(model, tmp_path, arch, changes):
-    """MoE configs that keep the expert count under other keys get 'not supported', not 'not MoE'."""
+    """MoE configs that keep the expert count under other keys get 'not supported', not 'not MoE', from the
+    built-in converter (the default engine gives them to llama.cpp's converter, tests/test_convert_llamacpp.py)."""
     _edit_config(model, architectures=[arch], num_local_experts=None, num_experts_per_tok=None, **changes)
     out = tmp_path / "o.gguf"
-    r = run_cli("convert", model, "-o", out)
+    r = run_cli("convert", model, "-o", out, "--engine", "builtin")
     _fails_cleanly(r, arch, "not supported", out=out)
     assert "not a Mixture-of-Experts" not in r.stderr
 
@@ -72,7 +79,7 @@ def test_unsupported_moe_is_not_called_dense(model, tmp_path, arch, changes):
 def test_non_moe_checkpoint(model, tmp_path):
     _edit_config(model, architectures=["LlamaForCausalLM"], num_local_experts=None, num_experts_per_tok=None)
     out = tmp_path / "o.gguf"
-    _fails_cleanly(run_cli("convert", model, "-o", out), "not a Mixture-of-Experts", out=out)
+    _fails_cleanly(run_cli("convert", model, "-o", out, "--engine", "builtin"), "not a Mixture-of-Experts", out=out)
 
 
 def test_non_moe_gguf(tmp_path):

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +324,27 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     _r("granitemoe-swa", "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", "granitemoe with sliding-window layers",
        num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, sliding_window=8,
        embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.2),
+    _r("hy-v3", "HYV3Config", "HYV3ForCausalLM",
+       "sigmoid + selection bias written as blk.N.exp_probs_b (no suffix), scale, dense layer 0, shared, QK-norm",
+       num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+       num_shared_experts=1, head_dim=16, router_scaling_factor=2.0, mlp_layer_types=["dense", "sparse", "sparse"]),
+    _r("phimoe", "PhimoeConfig", "PhimoeForCausalLM", "sparsemixer top-2 (llama.cpp: softmax), LayerNorm, biases",
+       # Microsoft's config.json names the class PhiMoEForCausalLM, which is what llama.cpp's converter knows
+       config_json={"architectures": ["PhiMoEForCausalLM"]},
+       num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, attention_bias=True, lm_head_bias=True,
+       router_jitter_noise=0.0, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "factor": 1.0,
+                                                 "long_factor": [1.0] * 8, "short_factor": [1.0] * 8,
+                                                 "original_max_position_embeddings": 256,
+                                                 "short_mscale": 1.0, "long_mscale": 1.0}),
+    _r("solar-open", "SolarOpenConfig", "SolarOpenForCausalLM", "sigmoid + correction bias, shared expert (GLM-4.5 graph)",
+       moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+       routed_scaling_factor=1.5, head_dim=16),
+    _r("glm-moe-dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", "GLM-5: MLA + DSA indexer, sigmoid + bias, dense layer 0",
+       ("--no-mtp",), num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
+       n_shared_experts=1, num_experts_per_tok=2, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=32,
+       qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, head_dim=16, num_key_value_heads=4,
+       index_topk=4, index_head_dim=64, index_n_heads=4, first_k_dense_replace=1,
+       mlp_layer_types=["dense", "sparse", "sparse"]),
     Recipe("dbrx", "DbrxConfig", "DbrxForCausalLM",
            dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=512, initializer_range=0.1,
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
@@ -334,6 +356,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 for _base in ("mixtral", "deepseek-v3", "gpt-oss"):
     _q = dataclasses.replace(RECIPES[_base], name=f"{_base}-q8_0", outtype="q8_0",
                              what=f"as {_base}, --outtype q8_0")
+    RECIPES[_q.name] = _q
+# F16, as llama.cpp's converter encodes it (tests/test_convert_llamacpp.py compares the bytes)
+for _base in ("mixtral", "deepseek-v3"):
+    _q = dataclasses.replace(RECIPES[_base], name=f"{_base}-f16", outtype="f16", what=f"as {_base}, --outtype f16")
     RECIPES[_q.name] = _q
 
 
@@ -451,6 +477,36 @@ def build(name: str) -> Path:
     return final / "model.gguf"
 
 
+def hf_checkpoint(name: str) -> Path:
+    """The Hugging Face checkpoint of recipe `name` (cached; the same bytes `build` converts)."""
+    recipe = RECIPES[name]
+    final = cache_root() / "zoo-hf" / f"{name}-{recipe.key()}"
+
+    def fill(tmp: Path) -> None:
+        try:
+            build_hf(recipe, tmp)
+        except Exception as e:  # noqa: BLE001
+            raise ZooError("build", f"{type(e).__name__}: {e}".splitlines()[0][:300]) from e
+
+    return _atomic_dir(final, fill)
+
+
+def convert_ours(name: str, out: Path) -> Path:
+    """`swapmoe convert HF_DIR --engine llamacpp` of recipe `name`, with the zoo's options (its
+    convert_args, its --outtype, every tokenizer read from tokenizer.model as `build` does)."""
+    recipe = RECIPES[name]
+    hf = hf_checkpoint(name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["SWAPMOE_LLAMACPP_CONVERTER"] = str(llamacpp_converter())
+    args = ["--engine", "llamacpp", "--vocab", "sentencepiece", "--type", recipe.outtype, "--force", "--no-progress"]
+    args += [a for a in recipe.convert_args if a in ("--no-mtp", "--fuse-gate-up-exps")]
+    proc = subprocess.run([sys.executable, "-m", "swapmoe_gguf", "convert", str(hf), "-o", str(out), *args],
+                          capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    if proc.returncode != 0 or not out.is_file():
+        raise ZooError("swapmoe convert", first_error_line(proc.stdout + proc.stderr), proc.stdout + proc.stderr)
+    return out
+
+
 def _our_converter_hash() -> str:
     h = hashlib.sha256()
     for f in sorted((REPO / "converters").glob("*.py")) + [REPO / "swapmoe_gguf" / "gguf_info.py"]:
@@ -464,8 +520,14 @@ def relayout(src: Path) -> Path:
     dst = src.parent / f"swapready-{_our_converter_hash()}.gguf"
     if dst.is_file():
         return dst
+    # other worktrees share this cache with other converter sources (other hashes), possibly running
+    # now: only re-layouts unused for a day are removed
     for old in src.parent.glob("swapready*.gguf"):
-        old.unlink(missing_ok=True)
+        try:
+            if time.time() - old.stat().st_atime > 86400:
+                old.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
     tmp = src.parent / f".swapready.{os.getpid()}.gguf"
     proc = subprocess.run([sys.executable, "-m", "swapmoe_gguf", "convert", str(src), "-o", str(tmp)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)

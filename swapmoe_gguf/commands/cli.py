@@ -24,9 +24,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_convert(a: argparse.Namespace) -> int:
     from ..converters import convert
+    from ..converters.llamacpp_hf import LlamaCppOptions
     from .inspect import fmt_bytes
 
-    r = convert(a.src, a.output, a.type, force=a.force, progress=None if a.progress else False, threads=a.threads)
+    opts = LlamaCppOptions(no_mtp=a.no_mtp, fuse_gate_up_exps=a.fuse_gate_up_exps, vocab=a.vocab)
+    r = convert(a.src, a.output, a.type, force=a.force, progress=None if a.progress else False, threads=a.threads,
+                engine=a.engine, llamacpp=opts, imatrix=a.imatrix)
     if not r.written:
         print(f"{a.src}: {r.note}")
         return 0
@@ -223,7 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="Hugging Face checkpoint directory, or an existing .gguf to re-lay out")
     c.add_argument("-o", "--output", required=True, help="output .gguf path")
     c.add_argument("--type", default=None, metavar="TYPE",
-                   help="f32, f16 (default), bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, iq4_nl (HF checkpoints only)")
+                   help="llama.cpp's names: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, "
+                        "q2_k_s, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs, iq3_s, iq3_m; with --imatrix "
+                        "also iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq2_m, iq3_xxs, iq3_xs (HF checkpoints only)")
+    c.add_argument("--engine", choices=("auto", "llamacpp", "builtin"), default="auto",
+                   help="HF checkpoints: llama.cpp's converter classes (every architecture it knows; needs torch, "
+                        "fetched once with pip), the built-in one (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE), or "
+                        "auto (built-in where it applies)")
+    c.add_argument("--imatrix", metavar="FILE", default=None,
+                   help="llama.cpp's importance matrix (llama-imatrix's GGUF or legacy .dat) for its quantizer; "
+                        "required by iq1_s/iq1_m/iq2_*/iq3_xxs/iq3_xs")
+    c.add_argument("--no-mtp", action="store_true", help="drop multi-token-prediction layers (llama.cpp's --no-mtp)")
+    c.add_argument("--fuse-gate-up-exps", action="store_true", help="one gate+up expert tensor per layer")
+    c.add_argument("--vocab", choices=("auto", "sentencepiece"), default="auto",
+                   help="sentencepiece: tokenizer.model whatever the architecture's own tokenizer code reads")
     c.add_argument("--force", action="store_true", help="overwrite an existing output")
     c.add_argument("-t", "--threads", type=int, default=0, help="threads for llama.cpp's K-quantizer")
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

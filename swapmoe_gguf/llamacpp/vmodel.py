@@ -13,6 +13,7 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,8 +31,24 @@ from .repack import BuftOverride, Repacker, RepackPlan, is_repack_tensor
 
 log = logging.getLogger(__name__)
 
-# Per-expert tensors that are not `*_exps.*`: one row per expert, selected in slot order.
-ROW_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp.bias", "exp_probs_b.bias")
+# Per-expert tensors that are not stacked `*_exps.*` weights: one row per expert, selected in slot
+# order. Named by what follows `blk.N.`; a converter may write a tensor without a suffix (Hunyuan v3's
+# `blk.N.exp_probs_b`, from an HF name that has none), and 1-D per-expert arrays of an `*_exps.*`
+# tensor (scales) are rows too.
+_ROW_NAME = re.compile(r"^blk\.\d+\.(?:(?P<kind>ffn_gate_inp|exp_probs_b)(?:\.(?P<suffix>weight|bias))?|\w+_exps\.\w+)$")
+
+
+def row_kind(name: str, shape: tuple[int, ...], n_expert: int) -> str | None:
+    """"router", "router_bias", "selection_bias" or "other" for a per-expert row tensor (one row per
+    expert: [n_expert, ...], or [1, n_expert] as ERNIE's exp_probs_b); None for any other tensor."""
+    m = _ROW_NAME.match(name)
+    if m is None or not (shape[0] == n_expert or tuple(shape) == (1, n_expert)):
+        return None
+    if m["kind"] == "exp_probs_b":
+        return "selection_bias"
+    if m["kind"] == "ffn_gate_inp":
+        return "router_bias" if m["suffix"] == "bias" else "router"
+    return "other"
 
 
 _HUGE_PAGE, _MADV_HUGEPAGE = 2 << 20, 14
@@ -108,15 +125,16 @@ class VirtualExpertModel:
         self.router_bias: dict[int, np.ndarray] = {}     # layer -> [n_expert] added to the router logits
         self.selection_bias: dict[int, np.ndarray] = {}  # layer -> [n_expert] exp_probs_b (ranking only)
         for t in info.tensors:
-            # one row per expert: [n_expert, ...], or [1, n_expert] (ERNIE's exp_probs_b)
-            per_expert = t.shape[0] == n or (len(t.shape) == 2 and t.shape == (1, n))
-            if t.block in self.slot_map and t.name.endswith(ROW_TENSORS) and per_expert:
+            kind = None if t.is_expert or t.block not in self.slot_map else row_kind(t.name, t.shape, n)
+            if kind is not None:
                 raw = self._pread(t.offset, t.nbytes, t.file).reshape(n, -1)
                 self.rows[t.name] = raw
+                if kind == "other":
+                    continue
                 values = dequantize(raw, t.qtype, t.shape)
-                if t.name.endswith("ffn_gate_inp.weight"):
+                if kind == "router":
                     self.router[t.block] = values  # type: ignore[index]
-                elif t.name.endswith("ffn_gate_inp.bias"):
+                elif kind == "router_bias":
                     self.router_bias[t.block] = values.reshape(n)  # type: ignore[index]
                 else:
                     self.selection_bias[t.block] = values.reshape(n)  # type: ignore[index]
@@ -331,6 +349,9 @@ class VirtualExpertModel:
                 self._write_slot(tptr, name, s, t.expert_nbytes, scratch)
         elif name in self.rows:
             rows = self.rows[name]
+            if nbytes != self.slots * rows.shape[1]:
+                raise ModelBuildError(f"{name}: llama.cpp wants {nbytes} bytes, expected {self.slots} slots of "
+                                      f"{rows.shape[1]} bytes (the file has {t.nbytes} for {self.n_expert} experts)")
             self.handles[name] = tptr
             g.set(tptr, rows[self.slot_map[layer]])  # type: ignore[index]
         elif nbytes == t.nbytes:
