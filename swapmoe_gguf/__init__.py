@@ -16,9 +16,21 @@ One subpackage per layer; data flows one way, and each layer imports only those 
 
 `from swapmoe_gguf import SwapMoELlama` loads the runtime (and llama.cpp) on first use.
 """
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# llama.cpp's CPU backend runs each graph in an OpenMP region; after it, libgomp's idle workers spin
+# (300k iterations by default). With llama.cpp on every core the expert store's read thread can then
+# starve: on 2 cores with 2 threads, the process at raised priority (nice -15), 1 of 25 requested swaps
+# landed over 256 decode steps (3 runs; the scheduler silently became `static`); at normal priority
+# 65-74 of 74-81. With 1000 spins: 73-80 of 74-82 either way, and the step as fast (within this VM's
+# noise). OMP_WAIT_POLICY=passive also frees the reads but made each step 12x slower here. Set before
+# llama.cpp is loaded (libgomp reads it once); a value the user set wins; importing llama_cpp before
+# swapmoe_gguf leaves libgomp's default.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,7 @@ process.py.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -157,6 +158,7 @@ class SwapMoELlama(Llama):
         self.telemetry_ = Telemetry()
         self._rss = RssProbe()
         self.pending: list[tuple[int, int, int, Future[StagedExpert]]] = []  # (layer, slot, expert, read)
+        self._finished: collections.deque = collections.deque()  # reads finished since the last commit pass
         self._hit_masks: list[tuple[int, np.ndarray]] = []  # see _add_hits
         self.repack = repack
         self.vmodel = VirtualExpertModel(model_path, self.memory.slots, initial=initial_experts, repack=repack,
@@ -437,8 +439,8 @@ class SwapMoELlama(Llama):
         self.policy.before_decode(self)
         if self.pending:  # commit at most `commit_rate` finished swaps per step, on average
             self._commit_credit = min(self._commit_credit + self.commit_rate, max(1.0, self.commit_rate))
-            if self._commit_credit >= 1.0:
-                if self.tap.pending_steps and not self.policy.owns_hit_rate and any(p[3].done() for p in self.pending):
+            if self._commit_credit >= 1.0 and self._finished:  # (a read finished: no scan of the futures per step)
+                if self.tap.pending_steps and not self.policy.owns_hit_rate:
                     if self.tap.pending_aligned:  # each step's hits count against the experts it ran with
                         self._hit_masks.append((self.tap.pending_steps, self.vmodel.resident_mask.copy()))
                     else:
@@ -517,15 +519,20 @@ class SwapMoELlama(Llama):
         """Start reading `expert` for `slot` of `layer` in the background; committed between decodes."""
         if any(l == layer and s == slot for l, s, _, _ in self.pending):
             return
-        self.pending.append((layer, slot, expert, self.vmodel.store.submit(layer, expert)))
+        fut = self.vmodel.store.submit(layer, expert)
+        fut.add_done_callback(self._finished.append)  # (deque.append: safe from the read thread)
+        self.pending.append((layer, slot, expert, fut))
 
     def apply_pending(self, wait: bool = False, limit: int | None = None) -> int:
         """Commit the swaps whose reads have finished (all of them if `wait`; at most `limit`).
         Never raises on I/O errors."""
         done, keep = 0, []
         t0 = time.perf_counter()
+        self._finished.clear()
         for layer, slot, expert, fut in self.pending:
             if not (wait or fut.done()) or (limit is not None and done >= limit):
+                if fut.done():  # finished, left for a later step
+                    self._finished.append(fut)
                 keep.append((layer, slot, expert, fut))
                 continue
             try:
