@@ -24,9 +24,10 @@ from ..fileformat.info import GGUFInfo
 from ..residency.protocols import Runtime, RuntimeFactory
 
 log = logging.getLogger(__name__)
-PROFILE_VERSION = 9  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all;
-                     # 8: decode steps scored in C, gathered and routed every few steps;
-                     # 9: one expert computed on the CPU from RAM, 1 and 16 tokens: misses computed vs uploaded)
+PROFILE_VERSION = 10  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all;
+                      # 8: decode steps scored in C, gathered and routed every few steps;
+                      # 9: one expert computed on the CPU from RAM, 1 and 16 tokens: misses computed vs uploaded;
+                      # 10: router inputs written by the graph into the tap's capture area, scored in one C call)
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
