@@ -70,19 +70,11 @@ def run_quality(model: str, text: "str | dict[str, str]", cells: list[QualityCel
     from ..planning.planner import make_plan
     from ..planning.profile import load_or_measure
     from ..runtime import SwapMoELlama
-    from .evaluate import SWITCH_EVERY, evaluate, stream_chunks
+    from .evaluate import evaluate, run_reference
 
     info = read_gguf(model)
     prof = load_or_measure(info, SwapMoELlama, threads=threads)
-    kw = dict(n_ctx=ctx + 8, n_batch=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1)
-    full = SwapMoELlama(model, policy="full", **kw)
-    try:
-        texts = {"text": text} if isinstance(text, str) else dict(text)
-        toks = stream_chunks(full, texts, ctx, chunks, SWITCH_EVERY)
-        ref, reference = evaluate(full, toks)
-    finally:
-        full.close()
-        del full  # before the next model measures the process's baseline
+    kw, toks, ref, reference = run_reference(model, text, ctx=ctx, chunks=chunks, threads=threads)
     rows = [asdict(ref) | {"kl": 0.0, "top1_agreement": 1.0, "budget_pct": 100.0,
                            "domains": [asdict(d) | {"kl": 0.0, "top1_agreement": 1.0} for d in ref.domains]}]
     for c in cells:

@@ -201,11 +201,11 @@ def run_eval(path: str, text: str | Mapping[str, str], *, policies: list[str], e
                           device=device)
 
 
-def run_eval_cells(path: str, text: str | Mapping[str, str], cells: list[tuple], *,
-                   ctx: int = 256, chunks: int | None = 16, threads: int = 2,
-                   switch_every: int = SWITCH_EVERY, device: Mapping[str, Any] | None = None) -> list[EvalResult]:
-    """`full` (the reference), then each (policy, S, memory budget[, max dropped mass]) cell on the
-    same tokens: one text, or a mixed stream of several (name -> text)."""
+def run_reference(path: str, text: str | Mapping[str, str], *, ctx: int, chunks: int | None, threads: int,
+                  switch_every: int = SWITCH_EVERY, device: Mapping[str, Any] | None = None,
+                  ) -> tuple[dict[str, Any], list[Chunk], EvalResult, list[np.ndarray]]:
+    """`full` on the stream (one text, or a mixed stream of several: name -> text): the runtime arguments
+    every cell is built with, the chunks, `full`'s result and its log-probabilities (the reference)."""
     from ..runtime import SwapMoELlama
 
     kw = dict(n_ctx=ctx + 8, n_batch=ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1,
@@ -218,6 +218,18 @@ def run_eval_cells(path: str, text: str | Mapping[str, str], cells: list[tuple],
     finally:
         full.close()
         del full  # before the next model measures the process's baseline
+    return kw, toks, ref_result, reference
+
+
+def run_eval_cells(path: str, text: str | Mapping[str, str], cells: list[tuple], *,
+                   ctx: int = 256, chunks: int | None = 16, threads: int = 2,
+                   switch_every: int = SWITCH_EVERY, device: Mapping[str, Any] | None = None) -> list[EvalResult]:
+    """`full` (the reference), then each (policy, S, memory budget[, max dropped mass]) cell on the
+    same tokens: one text, or a mixed stream of several (name -> text)."""
+    from ..runtime import SwapMoELlama
+
+    kw, toks, ref_result, reference = run_reference(path, text, ctx=ctx, chunks=chunks, threads=threads,
+                                                    switch_every=switch_every, device=device)
     results = [replace(ref_result, kl=0.0, top1_agreement=1.0,
                        domains=tuple(replace(d, kl=0.0, top1_agreement=1.0) for d in ref_result.domains))]
     for policy, slots, budget, *floor in cells:

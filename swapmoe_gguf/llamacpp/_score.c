@@ -21,7 +21,6 @@
 enum { FUNC_SOFTMAX, FUNC_SIGMOID, FUNC_SOFTMAX_WEIGHT, FUNC_SQRT_SOFTPLUS };
 enum { SELECT_PROBS, SELECT_LOGITS, SELECT_SIGMOID_LOGITS };
 
-#define MAX_EXPERT 4096
 #define MAX_K 64
 #define NORM_EPS 6.103515625e-5f /* llama.cpp's clamp of the weight sum (routing.py _NORM_EPS) */
 
@@ -138,7 +137,7 @@ static void route_one(const struct swapmoe_score_args *a, const float *lg_in, co
 void swapmoe_score(struct swapmoe_score_args *a) {
     const int G = a->n_group_layers, n = a->n_tok, N = a->n_expert, k = a->k;
     a->error = 0;
-    if (N <= 0 || N > MAX_EXPERT || k <= 0 || k > MAX_K || k > N || n <= 0 || G <= 0
+    if (N <= 0 || k <= 0 || k > MAX_K || k > N || n <= 0 || G <= 0
         || (a->n_group > 1 && (N % a->n_group || a->n_group_used <= 0 || a->n_group_used > a->n_group
                                || a->n_group_used > MAX_K))) {
         a->error = 1;

@@ -24,7 +24,7 @@ import numpy as np
 from .routing import GATING_FUNCS, GatingSpec
 
 _SELECT = ("probs", "logits", "sigmoid_logits")
-_MAX_EXPERT, _MAX_K = 4096, 64  # _score.c's stack arrays
+_MAX_K = 64  # _score.c's stack arrays (per token: selected experts and weights)
 
 
 class _Args(ctypes.Structure):
@@ -89,7 +89,7 @@ class ScoreKernel:
              selection_rows: np.ndarray | None) -> "ScoreKernel | None":
         """The kernel, or None where the C library was not built or the shape exceeds its limits."""
         fn = _kernel()
-        if fn is None or not 0 < top_k <= min(n_expert, _MAX_K) or n_expert > _MAX_EXPERT:
+        if fn is None or not 0 < top_k <= min(n_expert, _MAX_K):
             return None
         return cls(fn, n_expert, top_k, bias_rows, selection_rows)
 

@@ -303,14 +303,14 @@ class ExactPolicy:
         mass = np.zeros(vm.n_expert)
         np.add.at(mass, routed.selected.ravel(), np.abs(routed.weights).ravel() + 1e-12)
         need = [int(e) for e in np.argsort(-mass, kind="stable") if mass[e] > 0]  # most needed first
-        if rt.expert_ffn and (routed.selected.shape[0] > rt.lossless_ubatch() or rt.miss_cpu_tokens):
+        big = routed.selected.shape[0] > rt.lossless_ubatch()
+        if rt.expert_ffn and (big or rt.miss_cpu_tokens):
             resident = set(vm.slot_map[layer])
             missing = [e for e in need if e not in resident]
             # a big batch: each missing expert read once and computed outside the graph (module docstring);
             # slots on a device: also where the profile measured the CPU, from RAM, faster than an upload
             # for as many tokens as the most-used missing expert has here
-            cpu = routed.selected.shape[0] > rt.lossless_ubatch() or (
-                missing and int(max((routed.selected == e).sum() for e in missing)) <= rt.miss_cpu_tokens)
+            cpu = big or (missing and int(max((routed.selected == e).sum() for e in missing)) <= rt.miss_cpu_tokens)
             if missing and cpu:
                 values, weights = stream_picks(routed, vm.slot_map[layer], vm.n_expert)
                 self._jobs[layer] = _StreamJob(vm.store, rt.expert_ffn[layer], layer, routed, rt.tap.last_input(),
