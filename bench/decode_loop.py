@@ -21,6 +21,7 @@ PROMPTS = ("ROMEO.\nBut soft, what light through yonder window breaks?\n",
            "def read_config(path):\n    \"\"\"Read a JSON configuration file.\"\"\"\n",
            "KING HENRY.\nOnce more unto the breach, dear friends, once more;\n",
            "class Cache:\n    def __init__(self, size):\n")
+PLANNED = "swapmoe-plan"  # swapmoe with the planner's F and Q instead of the scheduler's defaults
 
 
 def cell(model: str, policy: str, experts: int, n: int, threads: int, rpc: str | None = None, ngl: int = 0) -> dict:
@@ -32,6 +33,15 @@ def cell(model: str, policy: str, experts: int, n: int, threads: int, rpc: str |
     kw: dict = {} if policy == "full" else {"experts_per_layer": experts}
     if rpc:
         kw |= {"rpc_servers": rpc, "n_gpu_layers": ngl}
+    if policy == PLANNED:  # F, Q (and the scoring stride) from the planner, for this device's profile
+        from swapmoe_gguf.fileformat.reader import read_gguf
+        from swapmoe_gguf.planning.planner import make_plan
+        from swapmoe_gguf.planning.profile import load_or_measure
+
+        info = read_gguf(model)
+        prof = load_or_measure(info, SwapMoELlama, threads=threads, n_gpu_layers=ngl if rpc else 0)
+        kw["plan"] = make_plan(info, prof, None, n_ctx=512, threads=threads, experts_per_layer=experts)
+        policy = "swapmoe"
     llm = SwapMoELlama(model, policy=policy, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False,
                        **kw)
     try:
@@ -46,7 +56,8 @@ def cell(model: str, policy: str, experts: int, n: int, threads: int, rpc: str |
             toks += n
         t = llm.telemetry()
         sched = getattr(t, "decode_sched_seconds", float("nan"))  # (an older runtime under PYTHONPATH: not counted)
-        return {"tok_s": toks / secs, "sched_us": 1e6 * sched / max(1, t.decode_tokens),
+        return {"tok_s": toks / secs, "interval": llm.policy.scheduler.config.interval if policy == "swapmoe" else 0,
+                "quota": llm.policy.scheduler.config.quota if policy == "swapmoe" else 0, "sched_us": 1e6 * sched / max(1, t.decode_tokens),
                 "step_us": 1e6 * secs / toks, "swaps": t.swaps, "hit_rate": t.hit_rate}
     finally:
         llm.close()
@@ -59,7 +70,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-n", type=int, default=64, help="tokens per prompt")
     ap.add_argument("-t", "--threads", type=int, default=1)
-    ap.add_argument("--policies", default="full,static,swapmoe")
+    ap.add_argument("--policies", default="full,static,swapmoe",
+                    help=f"comma-separated; {PLANNED}: swapmoe with the plan `swapmoe plan` makes for S")
     ap.add_argument("--rpc", default=None, help="an rpc-server (`swapmoe rpc-server`) to put the layers on")
     ap.add_argument("-ngl", type=int, default=99)
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
@@ -83,13 +95,15 @@ def main() -> int:
           f"{a.threads} thread(s)")
     med = {p: statistics.median(x["tok_s"] for x in v) for p, v in res.items()}
     for p, v in res.items():
-        print(f"  {p:8s} {med[p]:8.1f} tok/s  step {statistics.median(x['step_us'] for x in v):7.1f} us  "
-              f"scheduler {statistics.median(x['sched_us'] for x in v):6.1f} us/token  swaps {v[-1]['swaps']}")
-    if "swapmoe" in med and "static" in med:
-        sw = statistics.median(x["sched_us"] for x in res["swapmoe"])
-        step = statistics.median(x["step_us"] for x in res["swapmoe"])
-        print(f"  swapmoe / static: {med['swapmoe'] / med['static']:.3f}  (target >= 0.95); "
-              f"scheduler {100 * sw / step:.1f} % of swapmoe's step (target <= 3 %)")
+        fq = f"  F={v[-1]['interval']} Q={v[-1]['quota']}" if v[-1].get("interval") else ""
+        print(f"  {p:12s} {med[p]:8.1f} tok/s  step {statistics.median(x['step_us'] for x in v):7.1f} us  "
+              f"scheduler {statistics.median(x['sched_us'] for x in v):6.1f} us/token  swaps {v[-1]['swaps']}{fq}")
+    for p in ("swapmoe", PLANNED):
+        if p in med and "static" in med:
+            sw = statistics.median(x["sched_us"] for x in res[p])
+            step = statistics.median(x["step_us"] for x in res[p])
+            print(f"  {p} / static: {med[p] / med['static']:.3f}  (target >= 0.95); "
+                  f"scheduler {100 * sw / step:.1f} % of its step (target <= 3 %)")
     return 0
 
 

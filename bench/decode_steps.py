@@ -5,7 +5,7 @@ The processes of `decode_loop.py` are fresh each round; this one keeps one model
 the figures of a code version can be compared with another's run right after it (each line of the
 output one process):
 
-    python bench/decode_steps.py --policy swapmoe [-m MODEL] [--experts 16] [--rounds 3] [-n 64] [-t 1]
+    python bench/decode_steps.py --policy swapmoe|swapmoe-plan|static|full [-m MODEL] [--experts 16] [--rounds 3] [-n 64] [-t 1]
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_loop import PROMPTS  # noqa: E402
+from decode_loop import PLANNED, PROMPTS  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default="swapmoe", choices=("swapmoe", "static", "full"))
+    ap.add_argument("--policy", default="swapmoe", choices=("swapmoe", "static", "full", PLANNED))
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
@@ -34,7 +34,16 @@ def main() -> int:
     from swapmoe_gguf.runtime import SwapMoELlama
 
     kw: dict = {} if a.policy == "full" else {"experts_per_layer": a.experts}
-    llm = SwapMoELlama(a.model or str(default_model()), policy=a.policy, n_ctx=512, n_threads=a.threads,
+    model = a.model or str(default_model())
+    if a.policy == PLANNED:  # the planner's F and Q for S on this device
+        from swapmoe_gguf.fileformat.reader import read_gguf
+        from swapmoe_gguf.planning.planner import make_plan
+        from swapmoe_gguf.planning.profile import load_or_measure
+
+        info = read_gguf(model)
+        kw["plan"] = make_plan(info, load_or_measure(info, SwapMoELlama, threads=a.threads), None, n_ctx=512,
+                               threads=a.threads, experts_per_layer=a.experts)
+    llm = SwapMoELlama(model, policy="swapmoe" if a.policy == PLANNED else a.policy, n_ctx=512, n_threads=a.threads,
                        n_threads_batch=a.threads, verbose=False, **kw)
     rows = []
     for _ in range(a.rounds):

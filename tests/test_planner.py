@@ -178,3 +178,45 @@ def test_plan_picks_the_floor_by_measuring(model, tmp_path):
     finally:
         llm.close()
     assert run_cli("plan", str(model), "--floor", "quick").returncode == 2
+
+
+def test_runtime_schedules_from_the_cached_profile(model):
+    """scheduler="auto" (the CLI's, the server's and the demo's): F, Q, the scoring stride and the
+    commit pacing the planner picks for the runtime's S from this device's cached profile; the
+    scheduler's defaults where none is cached; any other string refused in one line."""
+    from dataclasses import replace
+
+    from swapmoe_gguf.base.errors import SwapMoEError
+    from swapmoe_gguf.planning.planner import scheduler_for
+    from swapmoe_gguf.planning.profile import PROFILE_VERSION, profile_path
+    from swapmoe_gguf.residency.scheduler import SchedulerConfig
+    from swapmoe_gguf.runtime import SwapMoELlama
+
+    info = read_gguf(model)
+    prof = replace(_profile(info, 300.0, swap_ms=0.8, tap_ms=0.2), version=PROFILE_VERSION)
+    path = profile_path(info, 2, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kw = dict(experts_per_layer=4, n_ctx=64, n_threads=2, n_threads_batch=2, verbose=False)
+    try:
+        path.write_text(prof.to_json())
+        want = scheduler_for(prof, 4, len(info.moe_layers))
+        assert want != SchedulerConfig() and want.observe_every > 1  # (the test's profile moves every knob)
+        llm = SwapMoELlama(str(model), policy="swapmoe", scheduler="auto", **kw)
+        try:
+            assert llm.policy.scheduler.config == want
+            assert llm.tap.stride == want.observe_every and llm.commit_rate == want.commit_rate
+            llm.eval([3, 5, 7])
+            for t in range(12):
+                llm.eval([t + 2])
+        finally:
+            llm.close()
+        path.unlink()
+        llm = SwapMoELlama(str(model), policy="swapmoe", scheduler="auto", **kw)
+        try:
+            assert llm.policy.scheduler.config == SchedulerConfig()
+        finally:
+            llm.close()
+    finally:
+        path.unlink(missing_ok=True)
+    with pytest.raises(SwapMoEError, match="expected a SchedulerConfig or 'auto'"):
+        SwapMoELlama(str(model), policy="swapmoe", scheduler="fast", **kw)

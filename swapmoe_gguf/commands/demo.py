@@ -51,6 +51,7 @@ def _agreement(llm: "SwapMoELlama", prompt: list[int], ref: list[int]) -> int:
 
 def run_demo(directory: str | None, force: bool = False, memory_budget: str | None = None) -> int:
     from ..fileformat.reader import read_gguf
+    from ..planning.profile import load_or_measure
     from ..runtime import SwapMoELlama
     from .evaluate import read_texts, run_eval
     from .evaluate import render as render_eval
@@ -70,8 +71,11 @@ def run_demo(directory: str | None, force: bool = False, memory_budget: str | No
     agree: dict[str, int] = {}
     stats = []
     slots = n
+    # swapmoe's F and Q come from the planner: this device's profile (measured once, in about a second
+    # on this model, and cached), as `swapmoe chat` and `serve` take them
+    load_or_measure(info, SwapMoELlama, threads=threads)
     for policy in POLICIES:
-        llm = SwapMoELlama(str(gguf), policy=policy, **(size if policy != "full" else {}), **kw)
+        llm = SwapMoELlama(str(gguf), policy=policy, **(size if policy != "full" else {}), scheduler="auto", **kw)
         try:
             mem = llm.memory
             if policy == "swapmoe":
@@ -81,6 +85,9 @@ def run_demo(directory: str | None, force: bool = False, memory_budget: str | No
                       f"per layer resident, {fmt(slots * mem.per_slot)} of {fmt(n * mem.per_slot)} of expert weights; "
                       f"the process plans {fmt(mem.total())} = {100 * mem.total() / mem.total(n):.0f}% of the "
                       f"{fmt(mem.total(n))} `full` needs;\nthe rest is fixed: {mem.parts(0).rsplit(' + ', 1)[0]}")
+                cfg = llm.policy.scheduler.config  # type: ignore[attr-defined]
+                print(f"swapmoe's scheduler, planned from this device's profile: up to {cfg.quota} swap(s) per layer "
+                      f"every {cfg.interval} tokens (F={cfg.interval}, Q={cfg.quota}; `swapmoe plan` says why)")
             first_layer = llm.vmodel.moe_layers[0]
             sets = []
             for domain, prompt in PROMPTS:

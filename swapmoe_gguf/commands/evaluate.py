@@ -234,7 +234,7 @@ def run_eval_cells(path: str, text: str | Mapping[str, str], cells: list[tuple],
                        domains=tuple(replace(d, kl=0.0, top1_agreement=1.0) for d in ref_result.domains))]
     for policy, slots, budget, *floor in cells:
         llm = SwapMoELlama(path, policy=policy, experts_per_layer=slots, memory_budget=budget,
-                           max_dropped_mass=floor[0] if floor else 1.0, **kw)
+                           max_dropped_mass=floor[0] if floor else 1.0, scheduler="auto", **kw)
         try:
             results.append(evaluate(llm, toks, reference)[0])
         finally:

@@ -430,6 +430,9 @@ class RouterTap:
                     self.kernel_flushes += 1
                     return RouterBatch([], scored=steps, hits=hits)
                 return RouterBatch([self.router.route_group(tuple(layers), np.ascontiguousarray(x))])
+            if cap.single and spec is not None and masks is not None and len(masks[0]) == 1 and sink is not None \
+                    and self._kernel is not None and self.router.stack_t is not None and sink.layers == layers:
+                return self._score_staggered(n_tok.astype(bool), spec, sink, masks[0])
             per_row = n_tok.sum(0)                                                           # [n_rows]
             rows = np.flatnonzero(per_row)
             if rows.size == 0:
@@ -444,3 +447,25 @@ class RouterTap:
             return RouterBatch(groups)
         finally:
             n_tok[:] = 0
+
+    def _score_staggered(self, want: np.ndarray, spec: GatingSpec, sink: ScoreSink, mask: np.ndarray) -> RouterBatch:
+        """Single-token steps scored layer by layer on different steps (a scoring stride): the layers
+        with as many scored steps as each other in one kernel call, each on its own steps (the sums the
+        numpy path makes per group). `want` [steps, n_rows]: which layer scored which step; `mask`
+        [1, n_layer, N]: the resident set every step ran with (a commit flushes first when strided)."""
+        cap, stack_t = self._cap, self.router.stack_t
+        per_row = want.sum(0)                                                               # [n_rows]
+        mass, count = 0.0, 0
+        for n in np.unique(per_row[per_row > 0]).tolist():
+            sel = np.flatnonzero(per_row == n)                                              # [G] capture rows
+            steps = np.nonzero(want[:, sel].T)[1].reshape(len(sel), n)                      # [G, n] ascending
+            x = cap.buf[steps, sel[:, None], 0]                                             # [G, n, n_embd]
+            lg = np.empty((len(sel), n, stack_t.shape[2]), dtype=np.float32)               # [G, n, N]
+            for i, r in enumerate(sel):  # (a gather of the routers would copy them)
+                np.matmul(x[i], stack_t[r], out=lg[i])
+            x_norm = np.sqrt(np.einsum("gij,gij->gi", x, x))                                # [G, n]
+            hits = self._kernel.score(lg, x_norm, cap.rows[sel], spec, sink, mask,  # type: ignore[union-attr]
+                                      np.zeros(n, dtype=np.int32))
+            mass, count = mass + hits.mass, count + hits.count  # type: ignore[union-attr]
+        self.kernel_flushes += 1
+        return RouterBatch([], scored=int(per_row.max(initial=0)), hits=Hits(mass, count))

@@ -138,6 +138,27 @@ def choose_interval_quota(prof: DeviceProfile, slots: int, n_moe_layers: int,
     return (f, q, q * n_moe_layers * read_ms / (f * t_dec), q * n_moe_layers * prof.swap_cost_ms / (f * t_dec))
 
 
+def schedule_for(prof: DeviceProfile, slots: int, n_moe_layers: int,
+                 tier_hit: float = 0.0) -> tuple[int, int, int, float, float, float]:
+    """The planner's scheduling for S = `slots` on this device: (observe_every, F, Q, read-thread share,
+    commit share, commits per token)."""
+    t_dec = prof.decode_ms_at(slots)
+    observe = choose_observe(prof, t_dec, n_moe_layers)
+    f, q, io, commit = choose_interval_quota(prof, slots, n_moe_layers, min_interval=SAMPLES * observe,
+                                             tier_hit=tier_hit)
+    # Commits are paced at the planned rate, so a burst proposed after a prompt costs what F/Q allow.
+    rate = round(min(1.0, q * n_moe_layers / f), 4) if q else 1.0
+    return observe, f, q, io, commit, rate
+
+
+def scheduler_for(prof: DeviceProfile, slots: int, n_moe_layers: int, tier_hit: float = 0.0,
+                  base: SchedulerConfig | None = None) -> SchedulerConfig:
+    """`base` (default: the scheduler's defaults) with F, Q, the scoring stride and the commit pacing
+    the planner picks for S on this device (what `swapmoe plan` writes, without a budget)."""
+    observe, f, q, _, _, rate = schedule_for(prof, slots, n_moe_layers, tier_hit)
+    return replace(base or SchedulerConfig(), interval=f, quota=q, observe_every=observe, commit_rate=rate)
+
+
 def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_ctx: int, threads: int,
               experts_per_layer: int | None = None, baseline: int | None = None,
               decay: float = SchedulerConfig.decay, margin: float = SchedulerConfig.margin,
@@ -177,9 +198,7 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
     else:
         policy = "swapmoe"
         t_dec = prof.decode_ms_at(s)
-        observe = choose_observe(prof, t_dec, layers)
-        f, q, io, commit = choose_interval_quota(prof, s, layers, min_interval=SAMPLES * observe,
-                                                 tier_hit=tier.hit_share)
+        observe, f, q, io, commit, rate = schedule_for(prof, s, layers, tier.hit_share)
         reasons.append(f"one expert: read {prof.read_ms:.2f} ms ({prof.read_mb_s:.0f} MB/s), commit "
                        f"{prof.commit_ms:.2f} ms; one swap adds {prof.swap_cost_ms:.2f} ms to decoding; scoring "
                        f"one layer's router adds {prof.tap_ms:.2f} ms; decode {t_dec:.2f} ms/token at S={s}")
@@ -195,8 +214,8 @@ def make_plan(info: GGUFInfo, prof: DeviceProfile, budget: Budget | None, *, n_c
                        f"(limit {COMMIT_SHARE:.0%})")
         if s == k:
             reasons.append(f"S equals top-k ({k}): every token's experts come from the resident set only")
-    # Commits are paced at the planned rate, so a burst proposed after a prompt costs what F/Q allow.
-    rate = round(min(1.0, q * layers / f), 4) if policy == "swapmoe" and q else 1.0
+    if policy != "swapmoe":
+        rate = 1.0
     if rate < 1.0:
         reasons.append(f"commits paced at {rate:g} per token (one every {1 / rate:.1f} tokens), also after a prompt")
     tok_s = 1e3 / (t_dec * (1 + commit + layers / observe * prof.tap_ms / t_dec * (policy == "swapmoe")))
@@ -239,4 +258,5 @@ def render(plan: Plan) -> str:
     return "\n".join(lines + ["", "why:"] + [f"  - {r}" for r in plan.reasons])
 
 
-__all__ = ["Plan", "PlanError", "make_plan", "render", "choose_interval_quota", "device_slots_for", "BudgetError"]
+__all__ = ["Plan", "PlanError", "make_plan", "render", "choose_interval_quota", "schedule_for", "scheduler_for",
+           "device_slots_for", "BudgetError"]

@@ -7,7 +7,10 @@ work unchanged. Differences from a plain `Llama`:
   (`VirtualExpertModel`), S from `memory_budget` and/or `experts_per_layer`;
 * the context carries an eval callback (`RouterTap`) that scores all experts from the full
   router, and a decode hook that commits finished swaps only *between* `llama_decode` calls;
-* `telemetry()` reports residency, swaps, I/O, hit rate and memory.
+* `telemetry()` reports residency, swaps, I/O, hit rate and memory;
+* `scheduler`: a `SchedulerConfig`, or "auto" (what the CLI, the server and `demo` pass): F, Q and the
+  scoring stride the planner picks for S from this device's cached profile (`swapmoe plan`), the
+  scheduler's defaults without one; a `plan` fixes them too.
 
 How it is built into `Llama`: hooks.py. Process-wide settings (malloc trim, BLAS threads):
 process.py.
@@ -51,13 +54,15 @@ from .hooks import HookedContext, construct_with
 from .placement import Placement
 from .process import release_memory, single_threaded_blas
 
+AUTO = "auto"  # scheduler=AUTO: F and Q from the cached device profile (the planner's), else the defaults
+
 log = logging.getLogger(__name__)
 
 
 class SwapMoELlama(Llama):
     def __init__(self, model_path: str, *, memory_budget: str | Budget | None = None,
                  experts_per_layer: int | None = None, policy: str | None = None,
-                 scheduler: SchedulerConfig | None = None, calibration: str | None = None,
+                 scheduler: SchedulerConfig | str | None = None, calibration: str | None = None,
                  plan: Plan | str | None = None,
                  initial_experts: dict[int, list[int]] | None = None, staging_buffers: int = 2,
                  max_dropped_mass: float | None = None, n_seq_max: int = 1, kv_unified: bool = False,
@@ -78,7 +83,7 @@ class SwapMoELlama(Llama):
             plan.check_model(model_path)
             planned_s = None if experts_per_layer else plan.experts_per_layer
             experts_per_layer = experts_per_layer or plan.experts_per_layer
-            scheduler = scheduler or plan.scheduler
+            scheduler = plan.scheduler if scheduler in (None, AUTO) else scheduler
             policy = policy or plan.policy
             if max_dropped_mass is None and policy == "swapmoe":
                 max_dropped_mass = plan.max_dropped_mass
@@ -119,7 +124,13 @@ class SwapMoELlama(Llama):
         lossless = policy == "exact" or self.max_dropped_mass < 1.0
         # decode steps read router inputs in C (up to n_seq_max tokens a step, one per parallel sequence)
         # and are scored every F steps, when the scheduler acts: room for F such steps, and one more
-        self._capture = (min(n_seq_max, 16), min((scheduler or SchedulerConfig()).interval, 64) + 1)
+        # (F not known yet with AUTO: room for the most, 64 steps)
+        auto = scheduler == AUTO
+        if auto:
+            scheduler = None
+        elif isinstance(scheduler, str):
+            raise SwapMoEError(f"scheduler: expected a SchedulerConfig or {AUTO!r}, got {scheduler!r}")
+        self._capture = (min(n_seq_max, 16), min(64 if auto else (scheduler or SchedulerConfig()).interval, 64) + 1)
         mem = estimate(info, n_ctx=n_ctx or info.params.n_ctx_train, n_batch=n_batch_eff, n_ubatch=n_ubatch,
                        logits_all=logits_all, staging_buffers=staging_buffers + reserved, flash_attn=flash_attn,
                        streams=lossless, capture_tokens=self._capture[0] * self._capture[1])
@@ -147,6 +158,8 @@ class SwapMoELlama(Llama):
         # slots on a device: a missing expert needed by at most this many tokens of a micro-batch is computed
         # on the CPU from RAM (lossless path) rather than uploaded into a slot (the profile measures both)
         self.miss_cpu_tokens = self._miss_cpu_tokens(info, plan, n_gpu_layers, int(kwargs.get("n_threads") or 0))
+        if auto and policy == "swapmoe":
+            scheduler = self._planned_scheduler(info, n_gpu_layers, int(kwargs.get("n_threads") or 0))
         self.requested_policy = policy  # what a budget change returns to when not everything fits
         if self.memory.slots == n_expert and policy != "full":
             log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
@@ -234,6 +247,24 @@ class SwapMoELlama(Llama):
 
         prof = cached_profile(info, threads=threads, n_gpu_layers=n_gpu_layers)
         return prof.miss_cpu_tokens() if prof else 0
+
+    def _planned_scheduler(self, info: Any, n_gpu_layers: int, threads: int) -> SchedulerConfig | None:
+        """F, Q, the scoring stride and the commit pacing the planner picks for this S from the cached
+        device profile (`swapmoe plan`'s choice); None (the scheduler's defaults) without one."""
+        from ..planning.planner import scheduler_for
+        from ..planning.profile import cached_profile
+
+        slots = self.memory.slots
+        if slots >= info.n_expert:
+            return None
+        prof = cached_profile(info, threads=threads, n_gpu_layers=n_gpu_layers)
+        if prof is None:
+            log.info("no device profile cached for this model: the scheduler's defaults (`swapmoe plan` measures one)")
+            return None
+        cfg = scheduler_for(prof, slots, len(info.moe_layers))
+        log.info("scheduler planned from the device profile for S=%d: F=%d, Q=%d, scoring every %d token(s), "
+                 "%.3g commits per token", slots, cfg.interval, cfg.quota, cfg.observe_every, cfg.commit_rate)
+        return cfg
 
     def _attach_tier(self) -> None:
         """Build the RAM tier (`memory.ram_tier` bytes; in the offload device's pinned host memory where
@@ -473,7 +504,8 @@ class SwapMoELlama(Llama):
         entries, self._hit_masks = self._hit_masks, []
         sink = getattr(self.policy, "score_sink", None)
         masks = None
-        if sink is not None and not self.policy.owns_hit_rate and self.tap.pending_aligned:
+        # (steps not aligned: a commit flushed them first, so `entries` is empty and one mask serves all)
+        if sink is not None and not self.policy.owns_hit_rate and (self.tap.pending_aligned or not entries):
             masks = token_masks(entries, self.vmodel.resident_mask, self.tap.pending_steps)
         batch = self.tap.flush(sink if masks is not None else None, masks)
         if batch is None:

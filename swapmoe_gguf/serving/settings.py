@@ -57,6 +57,7 @@ class ModelSettings:
         n_ctx = self.ctx_size or default_ctx(path)
         return SwapMoELlama(path, memory_budget=self.memory_budget, experts_per_layer=self.experts_per_layer,
                             policy=self.policy, plan=self.plan, max_dropped_mass=self.max_dropped_mass,
+                            scheduler="auto",
                             n_ctx=n_ctx, n_batch=self.batch_size, n_ubatch=self.ubatch_size or 512,
                             n_seq_max=n_seq_max, kv_unified=kv_unified, swa_full=swa_full,
                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=self.n_gpu_layers,
