@@ -38,8 +38,13 @@ def test_demo_runs_end_to_end(tmp_path):
     # learned routing: the full model is best, and half the experts cost perplexity
     assert rows["full"][0] < rows["swapmoe"][0] and rows["full"][0] < rows["static"][0]
     assert rows["full"][0] < 40  # the trained model, not noise (mixed stream: ~24)
-    # the claim, with room for run-to-run variation (measured KL 0.21-0.23 vs 0.55)
-    assert rows["swapmoe"][1] < 0.7 * rows["static"][1]
+    # the claim: swapmoe at the planner's F and Q (its swaps within 3 % of a step: on this 0.5 ms step that
+    # is few swaps, measured KL 0.37-0.41 vs 0.55), and the quality floor far closer to full
+    assert re.search(r"^swapmoe's scheduler, planned from this device's profile: up to \d+ swap\(s\) per layer "
+                     r"every \d+ tokens", out, re.M)
+    assert rows["swapmoe"][1] < rows["static"][1]
+    floor = re.search(r"^\| swapmoe \(floor 0.3\) \| 16/32 \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
+    assert floor and float(floor.group(2)) < 0.4 * rows["static"][1], out[-3000:]
     assert "| policy | experts/layer | c | python | shakespeare | wikitext |" in out
     # a budget (bytes or %) picks S for swapmoe, and static runs at that same S
     sized = run_cli("demo", "--dir", tmp_path, "--memory-budget", "99%", timeout=600)

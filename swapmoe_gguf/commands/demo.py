@@ -6,7 +6,8 @@ bench/train_default_moe.py) is converted once into the user cache. Then, under o
 (default: half of the experts resident), two requests on different topics are answered greedily
 by `full`, `swapmoe` and `static` (the pruned model) one after the other, each with what it kept
 resident, its hit rate, swaps and speed; and the held-out mixed-domain request stream is scored
-against the full model (perplexity and KL, overall and per domain).
+against the full model (perplexity and KL, overall and per domain), swapmoe also with a quality floor.
+swapmoe's F and Q are the planner's for this device (a profile measured once, in about a second).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 PROMPTS = (("shakespeare", "ROMEO.\nBut soft, what light through yonder window breaks?\n"),
            ("python", "def read_config(path):\n    \"\"\"Read a JSON configuration file.\"\"\"\n"))
 N_TOKENS = 40
+FLOOR = 0.3  # the eval's quality-floor row (--max-dropped-mass)
 POLICIES = ("full", "swapmoe", "static")
 
 
@@ -130,6 +132,9 @@ def run_demo(directory: str | None, force: bool = False, memory_budget: str | No
     print(f"\nheld-out request stream ({', '.join(stream)}; never trained on), switching topic every 2 requests; "
           "each 256-token request: first half prompt, second half decoded step by step and scored against `full`:\n")
     print(render_eval(run_eval(str(gguf), stream, policies=["swapmoe", "static"], experts_per_layer=slots,
-                               memory_budget=None, ctx=256, chunks=8, threads=threads, switch_every=2)))
+                               memory_budget=None, ctx=256, chunks=8, threads=threads, switch_every=2,
+                               floors=(FLOOR,))))
+    print(f"\nswapmoe (floor {FLOOR:g}): the quality knob (--max-dropped-mass): where a token's experts not resident "
+          f"carry more than {FLOOR:.0%} of its routing weight, they are loaded before its layer runs (0: lossless)")
     return 0
 

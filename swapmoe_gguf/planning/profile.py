@@ -22,12 +22,15 @@ from pathlib import Path
 from ..base.paths import cache_dir
 from ..fileformat.info import GGUFInfo
 from ..residency.protocols import Runtime, RuntimeFactory
+from ..residency.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
-PROFILE_VERSION = 10  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all;
+FLUSH_STEPS = 64  # decode steps the router tap gathers before it scores them (the runtime's capture room, F >= 64)
+PROFILE_VERSION = 11  # bump when what is measured changes (7: scoring cost per layer, from steps scoring all;
                       # 8: decode steps scored in C, gathered and routed every few steps;
                       # 9: one expert computed on the CPU from RAM, 1 and 16 tokens: misses computed vs uploaded;
-                      # 10: router inputs written by the graph into the tap's capture area, scored in one C call)
+                      # 10: router inputs written by the graph into the tap's capture area, scored in one C call;
+                      # 11: scoring timed by the runtime's hooks and flushes, on swapmoe's path (C kernel))
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -190,16 +193,21 @@ def _trimmed_mean(v: list[float]) -> float:
 
 
 def _interleaved_decode(rt: Runtime, tok: int, n_vocab: int, cycles: int = 3,
-                        block: int = 8) -> tuple[list[float], list[float], list[float], int]:
+                        block: int = 8) -> tuple[list[float], list[float], list[float], int, float]:
     """Decode steps in interleaved blocks: plain (router tap off), tap on every MoE layer, and one
     swap requested per step (read in the background, committed between steps, as swapmoe does).
-    Returns the three step-time lists (seconds) and the swaps committed in the third."""
+    Returns the three step-time lists (seconds), the swaps committed in the third, and what scoring
+    adds to a step (seconds): the runtime's own hooks timed around each tapped step against a plain
+    one's (a difference of whole steps is below this machine's noise), and each tap block's scoring
+    of its router inputs spread over FLUSH_STEPS steps (the runtime scores once per that many)."""
     vm = rt.vmodel
     cold = [(l, e) for l in vm.moe_layers for e in range(vm.n_expert) if e not in vm.slot_map[l]]
     plain: list[float] = []
     tapped: list[float] = []
     swapping: list[float] = []
     swaps, i = 0, 0
+    flushes: list[float] = []
+    hooks = {"plain": 0.0, "tap": 0.0}
     for _ in range(cycles):
         for kind, out in (("plain", plain), ("tap", tapped), ("swap", swapping)):
             rt.tap.enabled = kind == "tap"
@@ -207,7 +215,7 @@ def _interleaved_decode(rt: Runtime, tok: int, n_vocab: int, cycles: int = 3,
             # layer's share is below this machine's step-to-step noise on a model of many layers
             # (48 layers: about 0.1 ms of a 65 ms step, which one-layer blocks measured as 2 ms)
             rt.tap.stride = 1
-            before = rt.telemetry_.swaps
+            before, sched = rt.telemetry_.swaps, rt.telemetry_.decode_sched_seconds
             for _ in range(block):
                 if kind == "swap" and cold:
                     layer, e = cold[i % len(cold)]
@@ -218,11 +226,19 @@ def _interleaved_decode(rt: Runtime, tok: int, n_vocab: int, cycles: int = 3,
                 rt.eval([tok])
                 out.append(time.perf_counter() - t0)
                 tok = 1 + (tok * 31) % max(2, n_vocab - 1)
+            if kind in hooks:
+                hooks[kind] += rt.telemetry_.decode_sched_seconds - sched
+            if kind == "tap":  # the block's router inputs scored now (else in the next block's first step)
+                t0 = time.perf_counter()
+                rt.score_pending()
+                flushes.append(time.perf_counter() - t0)
             if kind == "swap":
                 rt.apply_pending(wait=True)
                 swaps += rt.telemetry_.swaps - before
     rt.tap.enabled, rt.tap.stride = False, 1
-    return plain, tapped, swapping, swaps
+    # (the hooks' difference is of the order of this machine's step-to-step noise: never below 0)
+    scoring = max(0.0, hooks["tap"] - hooks["plain"]) / (cycles * block) + statistics.median(flushes) / FLUSH_STEPS
+    return plain, tapped, swapping, swaps, scoring
 
 
 def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_layers: int = 0,
@@ -241,7 +257,11 @@ def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_laye
     kw = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads, n_threads_batch=threads,
               n_gpu_layers=n_gpu_layers, verbose=False)
     for slots in sorted({k, min(n, 2 * k)}):
-        rt = runtime(str(info.path), experts_per_layer=slots, policy="static",
+        # swapmoe that proposes nothing (Q = 0): its tap scores through the C kernel into a scheduler, as
+        # when it runs; the swaps below are requested by hand. F = 256: no update falls due inside a
+        # block (its scoring is timed apart, see _interleaved_decode)
+        rt = runtime(str(info.path), experts_per_layer=slots, policy="swapmoe",
+                     scheduler=SchedulerConfig(interval=256, quota=0, prior_weight=0.0),
                      initial_experts={l: list(range(slots)) for l in info.moe_layers}, **kw)
         try:
             prompt = [t % max(2, info.params.n_vocab - 1) + 1 for t in range(3, 3 + min(64, n_ctx // 4))]
@@ -255,11 +275,10 @@ def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_laye
             if not read_ms:
                 read_ms, commit_ms, expert_bytes = time_swaps(rt.vmodel, layers=4, experts=6)
                 cpu_expert = time_cpu_expert(rt)
-            plain, tapped, swapping, swaps = _interleaved_decode(rt, tok, info.params.n_vocab)
+            plain, tapped, swapping, swaps, scoring = _interleaved_decode(rt, tok, info.params.n_vocab)
             decode[slots] = 1e3 * statistics.median(plain)
             base = _trimmed_mean(plain)
-            # per layer scored (a step scoring every layer, over the layers)
-            tap_ms = max(tap_ms, 1e3 * (_trimmed_mean(tapped) - base) / len(info.moe_layers))
+            tap_ms = max(tap_ms, 1e3 * scoring / len(info.moe_layers))  # per layer scored
             if swaps:
                 swap_ms = max(swap_ms, 1e3 * (_trimmed_mean(swapping) - base) * len(swapping) / swaps)
         finally:
