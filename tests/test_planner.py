@@ -213,6 +213,12 @@ def test_runtime_schedules_from_the_cached_profile(model):
             llm.eval([3, 5, 7])
             for t in range(12):
                 llm.eval([t + 2])
+            faster = replace(prof, swap_ms=0.05)  # (re-measured meanwhile: a budget change plans with it)
+            path.write_text(faster.to_json())
+            assert llm.set_budget(None, experts_per_layer=6) == 6  # planned again for the new S
+            again = scheduler_for(faster, 6, len(info.moe_layers))
+            assert again != want and llm.policy.scheduler.config == again and llm.tap.stride == again.observe_every
+            llm.eval([3, 5, 7])
         finally:
             llm.close()
         path.unlink()

@@ -5,7 +5,7 @@ S (experts per layer) is the largest slot count the budget admits (whole-process
 OVERHEAD_SHARE = 3 % of it: first scoring the routers, then swaps get the rest. Measured, swaps cost
 more than the profile's estimate (the commits' memory traffic slows the steps after them; reads from
 disk compete for memory and cores), so 3 % planned is what keeps swapmoe at >= 0.95x `static`'s
-decode speed on the 2-vCPU machines of bench/ (4 % planned measured 0.93-0.94x).
+decode speed on the 2-vCPU VMs of docs/bench.md (4 % planned measured 0.92-0.96x there).
 
 Scoring (`t_tap` per layer, measured on the runtime's own path: router inputs the graph writes into
 the tap's capture area, scored in one C call per F steps) is paid on every token. Only where
@@ -156,9 +156,9 @@ def schedule_for(prof: DeviceProfile, slots: int, n_moe_layers: int,
     commit share, commits per token)."""
     t_dec = prof.decode_ms_at(slots)
     observe = choose_observe(prof, t_dec, n_moe_layers)
+    limit = commit_limit(prof, t_dec, n_moe_layers, observe)
     f, q, io, commit = choose_interval_quota(prof, slots, n_moe_layers, min_interval=SAMPLES * observe,
-                                             tier_hit=tier_hit, commit_limit=commit_limit(prof, t_dec, n_moe_layers,
-                                                                                          observe))
+                                             tier_hit=tier_hit, commit_limit=limit)
     # Commits are paced at the planned rate, so a burst proposed after a prompt costs what F/Q allow.
     rate = round(min(1.0, q * n_moe_layers / f), 4) if q else 1.0
     return observe, f, q, io, commit, rate

@@ -158,8 +158,10 @@ class SwapMoELlama(Llama):
         # slots on a device: a missing expert needed by at most this many tokens of a micro-batch is computed
         # on the CPU from RAM (lossless path) rather than uploaded into a slot (the profile measures both)
         self.miss_cpu_tokens = self._miss_cpu_tokens(info, plan, n_gpu_layers, int(kwargs.get("n_threads") or 0))
+        # (kept: a budget change plans F and Q again for the new S)
+        self._scheduler_auto, self._threads = auto, int(kwargs.get("n_threads") or 0)
         if auto and policy == "swapmoe":
-            scheduler = self._planned_scheduler(info, n_gpu_layers, int(kwargs.get("n_threads") or 0))
+            scheduler = self._planned_scheduler(info, n_gpu_layers)
         self.requested_policy = policy  # what a budget change returns to when not everything fits
         if self.memory.slots == n_expert and policy != "full":
             log.info("every expert fits (%d of %d): running the full model", n_expert, n_expert)
@@ -248,20 +250,21 @@ class SwapMoELlama(Llama):
         prof = cached_profile(info, threads=threads, n_gpu_layers=n_gpu_layers)
         return prof.miss_cpu_tokens() if prof else 0
 
-    def _planned_scheduler(self, info: Any, n_gpu_layers: int, threads: int) -> SchedulerConfig | None:
-        """F, Q, the scoring stride and the commit pacing the planner picks for this S from the cached
-        device profile (`swapmoe plan`'s choice); None (the scheduler's defaults) without one."""
+    def _planned_scheduler(self, info: Any, n_gpu_layers: int,
+                           base: SchedulerConfig | None = None) -> SchedulerConfig | None:
+        """`base` with the F, Q, scoring stride and commit pacing the planner picks for this S from the
+        cached device profile (`swapmoe plan`'s choice); None (keep the scheduler's) without one."""
         from ..planning.planner import scheduler_for
         from ..planning.profile import cached_profile
 
         slots = self.memory.slots
         if slots >= info.n_expert:
             return None
-        prof = cached_profile(info, threads=threads, n_gpu_layers=n_gpu_layers)
+        prof = cached_profile(info, threads=self._threads, n_gpu_layers=n_gpu_layers)
         if prof is None:
             log.info("no device profile cached for this model: the scheduler's defaults (`swapmoe plan` measures one)")
             return None
-        cfg = scheduler_for(prof, slots, len(info.moe_layers))
+        cfg = scheduler_for(prof, slots, len(info.moe_layers), base=base)
         log.info("scheduler planned from the device profile for S=%d: F=%d, Q=%d, scoring every %d token(s), "
                  "%.3g commits per token", slots, cfg.interval, cfg.quota, cfg.observe_every, cfg.commit_rate)
         return cfg
@@ -643,6 +646,11 @@ class SwapMoELlama(Llama):
             self.policy = self._make_policy(name, keep.config if keep else None, keep)
             self.tap.in_graph = getattr(self.policy, "in_graph", None)
             self.policy_name = name
+        sched = getattr(self.policy, "scheduler", None)
+        if self._scheduler_auto and name == "swapmoe" and sched is not None:  # F and Q planned for the new S
+            cfg = self._planned_scheduler(self.vmodel.info, ngl, base=sched.config)
+            if cfg is not None:
+                sched.config, self.commit_rate, self.tap.stride = cfg, cfg.commit_rate, cfg.observe_every
         self.tap.enabled = self.policy.observes
         self.reset()
         self.n_tokens = 0
