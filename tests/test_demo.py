@@ -45,6 +45,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert rows["swapmoe"][1] < rows["static"][1]
     floor = re.search(r"^\| swapmoe \(floor 0.3\) \| 16/32 \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
     assert floor and float(floor.group(2)) < 0.4 * rows["static"][1], out[-3000:]
+    # speed, both models loaded, alternating (figures, not checked: tests check correctness, bench/ speed)
+    assert re.search(r"^decode speed, both models loaded, greedy, in alternating blocks \(median of 8\): swapmoe "
+                     r"\d+ tok/s, static \d+ tok/s: [\d.]+x$", out, re.M), out[-1000:]
     assert "| policy | experts/layer | c | python | shakespeare | wikitext |" in out
     # a budget (bytes or %) picks S for swapmoe, and static runs at that same S
     sized = run_cli("demo", "--dir", tmp_path, "--memory-budget", "99%", timeout=600)

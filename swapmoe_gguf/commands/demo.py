@@ -6,8 +6,9 @@ bench/train_default_moe.py) is converted once into the user cache. Then, under o
 (default: half of the experts resident), two requests on different topics are answered greedily
 by `full`, `swapmoe` and `static` (the pruned model) one after the other, each with what it kept
 resident, its hit rate, swaps and speed; and the held-out mixed-domain request stream is scored
-against the full model (perplexity and KL, overall and per domain), swapmoe also with a quality floor.
-swapmoe's F and Q are the planner's for this device (a profile measured once, in about a second).
+against the full model (perplexity and KL, overall and per domain), swapmoe also with a quality floor;
+last, swapmoe's decode speed against static's, both loaded, in alternating blocks. swapmoe's F and Q
+are the planner's for this device (a profile measured once, in about a second).
 """
 from __future__ import annotations
 
@@ -49,6 +50,39 @@ def _agreement(llm: "SwapMoELlama", prompt: list[int], ref: list[int]) -> int:
         hits += int(np.argmax(last_logits(llm)) == tok)
         llm.eval([tok])
     return hits
+
+
+def _interleaved_speed(gguf: str, slots: int, kw: dict, rounds: int = 8, n: int = 32) -> dict[str, float]:
+    """Greedy decode tok/s of swapmoe and static, both loaded, in alternating short blocks (each
+    `n` tokens after each of the two prompts), median over `rounds`: the tables' speed columns time
+    each policy once, one after the other, which a busy or noisy machine skews."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    from ..runtime import SwapMoELlama
+    from .evaluate import last_logits
+
+    llms = {p: SwapMoELlama(gguf, policy=p, experts_per_layer=slots, scheduler="auto", **kw)
+            for p in ("swapmoe", "static")}
+    try:
+        speed: dict[str, list[float]] = {p: [] for p in llms}
+        for _ in range(rounds):
+            for policy, llm in llms.items():
+                secs = 0.0
+                for _, prompt in PROMPTS:
+                    llm.reset()
+                    llm.eval(llm.tokenize(prompt.encode(), add_bos=True))
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        llm.eval([int(np.argmax(last_logits(llm)))])
+                    secs += time.perf_counter() - t0
+                speed[policy].append(len(PROMPTS) * n / secs)
+        return {p: statistics.median(v) for p, v in speed.items()}
+    finally:
+        for llm in llms.values():
+            llm.close()
 
 
 def run_demo(directory: str | None, force: bool = False, memory_budget: str | None = None) -> int:
@@ -136,5 +170,8 @@ def run_demo(directory: str | None, force: bool = False, memory_budget: str | No
                                floors=(FLOOR,))))
     print(f"\nswapmoe (floor {FLOOR:g}): the quality knob (--max-dropped-mass): where a token's experts not resident "
           f"carry more than {FLOOR:.0%} of its routing weight, they are loaded before its layer runs (0: lossless)")
+    sp = _interleaved_speed(str(gguf), slots, kw)
+    print(f"\ndecode speed, both models loaded, greedy, in alternating blocks (median of 8): swapmoe "
+          f"{sp['swapmoe']:.0f} tok/s, static {sp['static']:.0f} tok/s: {sp['swapmoe'] / sp['static']:.2f}x")
     return 0
 
