@@ -15,7 +15,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 PROMPTS = ("ROMEO.\nBut soft, what light through yonder window breaks?\n",
            "def read_config(path):\n    \"\"\"Read a JSON configuration file.\"\"\"\n",
@@ -25,9 +24,7 @@ PLANNED = "swapmoe-plan"  # swapmoe with the planner's F and Q instead of the sc
 
 
 def cell(model: str, policy: str, experts: int, n: int, threads: int, rpc: str | None = None, ngl: int = 0) -> dict:
-    import numpy as np
-
-    from swapmoe_gguf.commands.evaluate import last_logits
+    from swapmoe_gguf.commands.evaluate import greedy_decode_seconds
     from swapmoe_gguf.runtime import SwapMoELlama
 
     kw: dict = {} if policy == "full" else {"experts_per_layer": experts}
@@ -35,25 +32,14 @@ def cell(model: str, policy: str, experts: int, n: int, threads: int, rpc: str |
         kw |= {"rpc_servers": rpc, "n_gpu_layers": ngl}
     if policy == PLANNED:  # F, Q (and the scoring stride) from the planner, for this device's profile
         from swapmoe_gguf.fileformat.reader import read_gguf
-        from swapmoe_gguf.planning.planner import make_plan
         from swapmoe_gguf.planning.profile import load_or_measure
 
-        info = read_gguf(model)
-        prof = load_or_measure(info, SwapMoELlama, threads=threads, n_gpu_layers=ngl if rpc else 0)
-        kw["plan"] = make_plan(info, prof, None, n_ctx=512, threads=threads, experts_per_layer=experts)
-        policy = "swapmoe"
+        load_or_measure(read_gguf(model), SwapMoELlama, threads=threads, n_gpu_layers=ngl if rpc else 0)
+        kw["scheduler"], policy = "auto", "swapmoe"
     llm = SwapMoELlama(model, policy=policy, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False,
                        **kw)
     try:
-        secs, toks = 0.0, 0
-        for text in PROMPTS:
-            llm.reset()
-            llm.eval(llm.tokenize(text.encode(), add_bos=True))
-            t0 = time.perf_counter()
-            for _ in range(n):
-                llm.eval([int(np.argmax(last_logits(llm)))])
-            secs += time.perf_counter() - t0
-            toks += n
+        secs, toks = greedy_decode_seconds(llm, PROMPTS, n), n * len(PROMPTS)
         t = llm.telemetry()
         sched = getattr(t, "decode_sched_seconds", float("nan"))  # (an older runtime under PYTHONPATH: not counted)
         return {"tok_s": toks / secs, "interval": llm.policy.scheduler.config.interval if policy == "swapmoe" else 0,

@@ -37,12 +37,10 @@ def main() -> int:
     model = a.model or str(default_model())
     if a.policy == PLANNED:  # the planner's F and Q for S on this device
         from swapmoe_gguf.fileformat.reader import read_gguf
-        from swapmoe_gguf.planning.planner import make_plan
         from swapmoe_gguf.planning.profile import load_or_measure
 
-        info = read_gguf(model)
-        kw["plan"] = make_plan(info, load_or_measure(info, SwapMoELlama, threads=a.threads), None, n_ctx=512,
-                               threads=a.threads, experts_per_layer=a.experts)
+        load_or_measure(read_gguf(model), SwapMoELlama, threads=a.threads)
+        kw["scheduler"] = "auto"
     llm = SwapMoELlama(model, policy="swapmoe" if a.policy == PLANNED else a.policy, n_ctx=512, n_threads=a.threads,
                        n_threads_batch=a.threads, verbose=False, **kw)
     rows = []

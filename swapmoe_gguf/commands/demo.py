@@ -57,12 +57,9 @@ def _interleaved_speed(gguf: str, slots: int, kw: dict, rounds: int = 8, n: int 
     `n` tokens after each of the two prompts), median over `rounds`: the tables' speed columns time
     each policy once, one after the other, which a busy or noisy machine skews."""
     import statistics
-    import time
-
-    import numpy as np
 
     from ..runtime import SwapMoELlama
-    from .evaluate import last_logits
+    from .evaluate import greedy_decode_seconds
 
     llms = {p: SwapMoELlama(gguf, policy=p, experts_per_layer=slots, scheduler="auto", **kw)
             for p in ("swapmoe", "static")}
@@ -70,14 +67,7 @@ def _interleaved_speed(gguf: str, slots: int, kw: dict, rounds: int = 8, n: int 
         speed: dict[str, list[float]] = {p: [] for p in llms}
         for _ in range(rounds):
             for policy, llm in llms.items():
-                secs = 0.0
-                for _, prompt in PROMPTS:
-                    llm.reset()
-                    llm.eval(llm.tokenize(prompt.encode(), add_bos=True))
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        llm.eval([int(np.argmax(last_logits(llm)))])
-                    secs += time.perf_counter() - t0
+                secs = greedy_decode_seconds(llm, [prompt for _, prompt in PROMPTS], n)
                 speed[policy].append(len(PROMPTS) * n / secs)
         return {p: statistics.median(v) for p, v in speed.items()}
     finally:

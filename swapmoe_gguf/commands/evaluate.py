@@ -14,7 +14,7 @@ reported per domain.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -118,6 +118,22 @@ def stream_chunks(llm: Any, texts: Mapping[str, str], ctx: int, chunks: int | No
 def last_logits(llm: Any) -> np.ndarray:
     """The logits of the last evaluated position, read in place. [n_vocab]"""
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def greedy_decode_seconds(llm: Any, prompts: Iterable[str], n: int) -> float:
+    """Seconds spent decoding `n` greedy tokens, one step at a time, after each prompt (each from an
+    empty context; the prompts' evaluation not counted): the decode-speed loop of `demo` and bench/."""
+    import time
+
+    secs = 0.0
+    for text in prompts:
+        llm.reset()
+        llm.eval(llm.tokenize(text.encode(), add_bos=True))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([int(np.argmax(last_logits(llm)))])
+        secs += time.perf_counter() - t0
+    return secs
 
 
 def score(llm: Any, chunks: list[Chunk]) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -193,23 +193,22 @@ def _trimmed_mean(v: list[float]) -> float:
 
 
 def _interleaved_decode(rt: Runtime, tok: int, n_vocab: int, cycles: int = 3,
-                        block: int = 8) -> tuple[list[float], list[float], list[float], int, float]:
+                        block: int = 8) -> tuple[list[float], list[float], int, float]:
     """Decode steps in interleaved blocks: plain (router tap off), tap on every MoE layer, and one
     swap requested per step (read in the background, committed between steps, as swapmoe does).
-    Returns the three step-time lists (seconds), the swaps committed in the third, and what scoring
+    Returns the plain and the swapping step times (seconds), the swaps committed, and what scoring
     adds to a step (seconds): the runtime's own hooks timed around each tapped step against a plain
     one's (a difference of whole steps is below this machine's noise), and each tap block's scoring
     of its router inputs spread over FLUSH_STEPS steps (the runtime scores once per that many)."""
     vm = rt.vmodel
     cold = [(l, e) for l in vm.moe_layers for e in range(vm.n_expert) if e not in vm.slot_map[l]]
     plain: list[float] = []
-    tapped: list[float] = []
     swapping: list[float] = []
     swaps, i = 0, 0
     flushes: list[float] = []
     hooks = {"plain": 0.0, "tap": 0.0}
     for _ in range(cycles):
-        for kind, out in (("plain", plain), ("tap", tapped), ("swap", swapping)):
+        for kind, out in (("plain", plain), ("tap", []), ("swap", swapping)):
             rt.tap.enabled = kind == "tap"
             # every layer scored on every step, and the cost divided by the layers (measure): one
             # layer's share is below this machine's step-to-step noise on a model of many layers
@@ -238,7 +237,7 @@ def _interleaved_decode(rt: Runtime, tok: int, n_vocab: int, cycles: int = 3,
     rt.tap.enabled, rt.tap.stride = False, 1
     # (the hooks' difference is of the order of this machine's step-to-step noise: never below 0)
     scoring = max(0.0, hooks["tap"] - hooks["plain"]) / (cycles * block) + statistics.median(flushes) / FLUSH_STEPS
-    return plain, tapped, swapping, swaps, scoring
+    return plain, swapping, swaps, scoring
 
 
 def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_layers: int = 0,
@@ -275,7 +274,7 @@ def measure(info: GGUFInfo, runtime: RuntimeFactory, *, threads: int, n_gpu_laye
             if not read_ms:
                 read_ms, commit_ms, expert_bytes = time_swaps(rt.vmodel, layers=4, experts=6)
                 cpu_expert = time_cpu_expert(rt)
-            plain, tapped, swapping, swaps, scoring = _interleaved_decode(rt, tok, info.params.n_vocab)
+            plain, swapping, swaps, scoring = _interleaved_decode(rt, tok, info.params.n_vocab)
             decode[slots] = 1e3 * statistics.median(plain)
             base = _trimmed_mean(plain)
             tap_ms = max(tap_ms, 1e3 * scoring / len(info.moe_layers))  # per layer scored
